@@ -1,0 +1,212 @@
+"""``load_checkpoint``: any supported file or directory -> a ``Checkpoint`` of tensor metadata.
+
+No tensor bytes are read and torch is not imported; ``Checkpoint.read_tensor`` reads one
+tensor's values on demand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnviz.containers import ForeignObjectInfo, TensorMapping, find_tensor_mapping
+from attnviz.errors import CheckpointError, ConfigError, CorruptCheckpointError, LimitExceededError
+from attnviz.formats import detect
+from attnviz.formats.base import LoadedFile, StorageSpan
+from attnviz.formats.safe_pickle import TensorRef
+from attnviz.formats.safetensors_format import read_safetensors
+from attnviz.formats.torch_legacy import read_torch_legacy
+from attnviz.formats.torch_zip import read_torch_zip
+
+if TYPE_CHECKING:
+    import torch
+
+READERS: dict[str, Callable[[Path], LoadedFile]] = {
+    detect.SAFETENSORS: read_safetensors,
+    detect.TORCH_ZIP: read_torch_zip,
+    detect.TORCH_LEGACY: read_torch_legacy,
+}
+# Weight files looked for in a model directory, best first.
+DIRECTORY_WEIGHTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's metadata and where its bytes are; values are read only on request."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    ref: TensorRef
+    span: StorageSpan
+
+    @property
+    def numel(self) -> int:
+        return self.ref.numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.nbytes
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's tensors (by stripped name), provenance and anything foreign it holds."""
+
+    path: Path
+    format: str
+    tensors: dict[str, TensorInfo]
+    container_key: str | None = None
+    other_containers: list[str] = field(default_factory=list)
+    stripped_prefix: str | None = None
+    foreign_objects: list[ForeignObjectInfo] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    config_path: Path | None = None
+    root: Any = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor's values (imports torch)."""
+        from attnviz.tensor_data import read_tensor
+
+        if name not in self.tensors:
+            raise CheckpointError(f"no tensor named '{name}'", path=self.path)
+        return read_tensor(self.tensors[name])
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise LimitExceededError(f"{what} is over {MAX_JSON_BYTES} bytes", path=path)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"cannot read {what} ({exc})", path=path,
+                          hint="fix or remove the file, or pass --config") from exc
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    config = _read_json(path, "config")
+    if not isinstance(config, dict):
+        raise ConfigError("config is not a JSON object", path=path)
+    return config
+
+
+def _directory_weights(directory: Path) -> Path:
+    for name in DIRECTORY_WEIGHTS:
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError("directory holds no weights file", path=directory,
+                              hint="expected model.safetensors, pytorch_model.bin or *.pth")
+    raise CheckpointError(f"directory holds several weight files: "
+                          f"{', '.join(p.name for p in found[:5])}", path=directory,
+                          hint="pass one of them, or an *.index.json")
+
+
+def _load_shards(index_path: Path) -> tuple[list[LoadedFile], dict[str, str], dict[str, str]]:
+    index = _read_json(index_path, "shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CorruptCheckpointError("shard index has no weight_map of names to files",
+                                     path=index_path)
+    shards: list[LoadedFile] = []
+    for shard_name in dict.fromkeys(weight_map.values()):
+        shard = index_path.parent / shard_name
+        if Path(shard_name).name != shard_name or not shard.is_file():
+            raise CheckpointError(f"shard '{shard_name}' named by the index is missing",
+                                  path=index_path, hint="download every shard next to the index")
+        kind = detect.detect_format(shard)
+        if kind not in READERS:
+            raise CorruptCheckpointError(f"shard '{shard_name}' is a {kind}", path=index_path)
+        shards.append(READERS[kind](shard))
+    metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return shards, weight_map, {str(k): str(v) for k, v in (metadata or {}).items()}
+
+
+def _tensor_infos(mapping: TensorMapping, spans: dict[str, StorageSpan]) -> dict[str, TensorInfo]:
+    return {
+        name: TensorInfo(name, ref.shape, ref.dtype, ref, spans[ref.storage.key])
+        for name, ref in mapping.tensors.items()
+    }
+
+
+def load_checkpoint(
+    path: str | Path, *, key: str | None = None, config: str | Path | None = None
+) -> Checkpoint:
+    """Read a checkpoint's structure without reading tensor values or importing torch.
+
+    ``key`` selects the mapping of tensors inside a wrapper (``model``, ``state_dict.ema``);
+    ``config`` names a config.json (default: one beside the checkpoint).
+    """
+    path = Path(path)
+    kind = detect.detect_format(path)
+    config_path = Path(config) if config is not None else None
+    if kind == detect.DIRECTORY:
+        if config_path is None and (path / "config.json").is_file():
+            config_path = path / "config.json"
+        weights = _directory_weights(path)
+        kind = detect.detect_format(weights)
+    else:
+        weights = path
+        if config_path is None and (path.parent / "config.json").is_file():
+            config_path = path.parent / "config.json"
+
+    if kind == detect.SHARD_INDEX:
+        shards, weight_map, metadata = _load_shards(weights)
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shards:
+            mapping = find_tensor_mapping(shard.root, None, shard.path, strip=False)
+            for name, info in _tensor_infos(mapping, shard.spans).items():
+                if weight_map.get(name) != shard.path.name:
+                    continue
+                tensors[name] = info
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise CorruptCheckpointError(f"{len(missing)} tensors named by the index are not in "
+                                         f"their shard, e.g. '{missing[0]}'", path=weights)
+        checkpoint = Checkpoint(path=path, format=f"sharded {shards[0].format}" if shards else
+                                "sharded", tensors=tensors, metadata=metadata,
+                                files=[s.path for s in shards])
+        checkpoint.foreign_objects = [f for s in shards for f in
+                                      find_tensor_mapping(s.root, None, s.path, s.foreign,
+                                                                  strip=False).foreign]
+    else:
+        loaded = READERS[kind](weights)
+        mapping = find_tensor_mapping(loaded.root, key, weights, loaded.foreign)
+        checkpoint = Checkpoint(
+            path=path, format=loaded.format, tensors=_tensor_infos(mapping, loaded.spans),
+            container_key=mapping.path, other_containers=mapping.alternatives,
+            stripped_prefix=mapping.stripped_prefix, foreign_objects=mapping.foreign,
+            root=loaded.root, metadata=loaded.metadata, files=[weights],
+            warnings=list(mapping.notes))
+    if config_path is not None:
+        checkpoint.config = load_config(config_path)
+        checkpoint.config_path = config_path
+    if not checkpoint.tensors:
+        checkpoint.warnings.append("no tensors found in the file")
+    return checkpoint

@@ -1,0 +1,207 @@
+"""The ``attnviz`` command line: parse, call the core, print. Only this module imports typer/rich.
+
+Errors are caught once, in ``AttnvizGroup.invoke``: an ``AttnvizError`` becomes one line on
+stderr and its exit code; anything else is an internal error. ``--debug`` or
+``ATTNVIZ_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from attnviz import __version__
+from attnviz.errors import EXIT_FAILURE, AttnvizError, UsageError
+
+if TYPE_CHECKING:
+    from attnviz.inspection import InspectReport
+
+
+def _debug_enabled() -> bool:
+    return os.environ.get("ATTNVIZ_DEBUG", "") not in {"", "0"} or "--debug" in sys.argv
+
+
+class AttnvizGroup(TyperGroup):
+    """Typer group whose ``invoke`` turns every failure into one line and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AttnvizError as error:
+            if _debug_enabled() or ctx.obj == "debug":
+                raise
+            typer.echo(f"attnviz: error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - the one place unexpected errors end
+            if _debug_enabled() or ctx.obj == "debug":
+                raise
+            if type(error).__module__.startswith(("typer", "click")):
+                raise
+            typer.echo(f"attnviz: internal error: {type(error).__name__}: {error} "
+                       "(rerun with --debug for a traceback and please report it)", err=True)
+            raise typer.Exit(EXIT_FAILURE) from None
+
+
+app = typer.Typer(
+    cls=AttnvizGroup,
+    help="Open transformer checkpoints and show what is inside their attention.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"attnviz {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """attnviz: attention layers, per-head weights and attention maps from checkpoints."""
+    ctx.obj = "debug" if debug else None
+
+
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (.pth/.pt/.bin/.ckpt/"
+                                               ".safetensors), *.index.json or model directory.")]
+HeadsOpt = Annotated[list[str] | None, typer.Option(
+    "--heads", help="Heads per layer: N, or 'glob=N' for matching layers (repeatable).")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="config.json to read head counts from (default: one beside the file).")]
+KeyOpt = Annotated[str | None, typer.Option(
+    "--key", help="Dotted path of the mapping that holds the tensors, e.g. 'model' or 'ema'.")]
+
+
+@app.command()
+def inspect(
+    checkpoint: CheckpointArg,
+    heads: HeadsOpt = None,
+    config: ConfigOpt = None,
+    key: KeyOpt = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Also show every tensor as a tree.")] = False,
+    filter_glob: Annotated[str | None, typer.Option(
+        "--filter", help="Only layers/tensors whose name matches this glob.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document "
+                                          "(docs/json-schema.md).")] = False,
+) -> None:
+    """Show every attention layer: layout, dims, heads and where that count came from."""
+    from attnviz.inspection import inspect_checkpoint, report_to_json
+
+    if as_json and show_all:
+        raise UsageError("--json already lists every tensor; drop --all")
+    if config is not None and not config.is_file():
+        raise UsageError(f"--config {config}: no such file")
+    report = inspect_checkpoint(checkpoint, heads=heads or (), config=config, key=key)
+    if as_json:
+        typer.echo(json.dumps(report_to_json(report, tensor_filter=filter_glob), indent=2))
+        return
+    _print_inspect(report, show_all=show_all, tensor_filter=filter_glob)
+
+
+def _size(num_bytes: int) -> str:
+    value = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+def _count(number: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if number >= scale:
+            return f"{number / scale:.2f}{unit}"
+    return str(number)
+
+
+def _print_inspect(report: InspectReport, *, show_all: bool, tensor_filter: str | None) -> None:
+    import fnmatch
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.tree import Tree
+
+    console = Console(highlight=False)
+    ckpt = report.checkpoint
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("file", str(ckpt.path))
+    summary.add_row("format", ckpt.format)
+    summary.add_row("tensors", f"{len(ckpt.tensors)} tensors, {_count(ckpt.num_parameters)} "
+                    f"parameters, {_size(ckpt.total_bytes)}")
+    summary.add_row("dtypes", ", ".join(f"{d} ({n})" for d, n in report.dtypes.items()) or "-")
+    container = ckpt.container_key or "(top level)"
+    if ckpt.other_containers:
+        container += f"  (others: {', '.join(ckpt.other_containers)}; choose with --key)"
+    summary.add_row("container", container)
+    summary.add_row("prefix stripped", ckpt.stripped_prefix or "-")
+    if ckpt.config_path:
+        summary.add_row("config", str(ckpt.config_path))
+    foreign = ", ".join(("[bold red]" if f.names_code else "") + f.qualified_name +
+                        ("[/]" if f.names_code else "") for f in ckpt.foreign_objects)
+    summary.add_row("foreign objects", foreign or "-")
+    console.print(summary)
+
+    table = Table(title=f"{len(report.layers)} attention layers", title_justify="left")
+    for column in ("layer", "layout", "E", "kdim", "vdim", "heads", "source", "kv heads",
+                   "head dim", "bias", "dtype"):
+        table.add_column(column, justify="right" if column in {"E", "kdim", "vdim", "heads",
+                                                              "kv heads", "head dim"} else "left")
+    for item in report.layers:
+        layer, heads = item.layer, item.heads
+        if tensor_filter and not fnmatch.fnmatchcase(layer.display_name, tensor_filter):
+            continue
+        table.add_row(layer.display_name, layer.layout, str(layer.embed_dim), str(layer.kdim),
+                      str(layer.vdim), str(heads.num_heads or "?"), heads.source,
+                      str(heads.num_kv_heads or "?"), str(heads.head_dim or "?"),
+                      "yes" if layer.has_bias else "no", layer.dtype)
+    console.print(table)
+    if report.unrecognised:
+        odd = Table(title="unrecognised attention-like tensors", title_justify="left")
+        for column in ("tensor", "shape", "why"):
+            odd.add_column(column)
+        for item in report.unrecognised:
+            odd.add_row(item.name, str(list(item.shape)), item.reason)
+        console.print(odd)
+    if show_all:
+        tree = Tree(str(ckpt.path.name))
+        nodes: dict[str, Tree] = {}
+        for name, info in ckpt.tensors.items():
+            if tensor_filter and not fnmatch.fnmatchcase(name, tensor_filter):
+                continue
+            parts = name.split(".")
+            parent = tree
+            for depth in range(1, len(parts)):
+                path = ".".join(parts[:depth])
+                if path not in nodes:
+                    nodes[path] = parent.add(parts[depth - 1])
+                parent = nodes[path]
+            parent.add(f"{parts[-1]}  {list(info.shape)} {info.dtype}")
+        console.print(tree)
+    for warning in report.warnings:
+        style = "bold red" if warning.startswith("DANGER") else "yellow"
+        console.print(f"[{style}]warning:[/] {warning}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="attnviz")
+
+
+if __name__ == "__main__":
+    main()

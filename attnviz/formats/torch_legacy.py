@@ -1,0 +1,97 @@
+"""Legacy torch checkpoints (torch < 1.6): several pickles in a row, then raw storages.
+
+Layout: magic number, protocol version, sys info, the object (storages as persistent ids),
+the list of storage keys, then per key an int64 element count followed by the raw bytes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+from typing import IO, Any
+
+from attnviz.dtypes import DTYPE_SIZES
+from attnviz.errors import CorruptCheckpointError, LimitExceededError
+from attnviz.formats.base import LoadedFile, StorageSpan
+from attnviz.formats.safe_pickle import StorageRef, restricted_load, storage_from_pid
+from attnviz.limits import LIMITS
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+HINT = "the file is damaged or not a torch checkpoint"
+
+
+def _plain_pickle(handle: IO[bytes], path: Path, what: str) -> Any:
+    """Load one of the small header pickles, allowing no globals at all."""
+
+    class NoGlobals(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            raise CorruptCheckpointError(f"{what} names the global {module}.{name}", path=path)
+
+    try:
+        return NoGlobals(handle).load()
+    except CorruptCheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the C unpickler is bad input
+        raise CorruptCheckpointError(f"cannot read the {what} ({exc})", path=path,
+                                     hint=HINT) from exc
+
+
+def read_torch_legacy(path: Path) -> LoadedFile:
+    file_size = path.stat().st_size
+    with path.open("rb") as handle:
+        magic = _plain_pickle(handle, path, "magic number")
+        if magic != LEGACY_MAGIC:
+            raise CorruptCheckpointError("a pickle, but without the torch magic number", path=path,
+                                         hint="attnviz reads torch checkpoints, not arbitrary pickles")
+        protocol = _plain_pickle(handle, path, "protocol version")
+        if protocol != 1001:
+            raise CorruptCheckpointError(f"unsupported legacy protocol {protocol!r:.20}", path=path)
+        sys_info = _plain_pickle(handle, path, "system info")
+        if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+            byteorder = "big"
+        else:
+            byteorder = "little"
+
+        storages: dict[str, StorageRef] = {}
+
+        def persistent_load(pid: Any) -> Any:
+            if isinstance(pid, tuple) and pid and pid[0] == "module":
+                return None  # pickled module source, kept only for torch's source check
+            dtype, key, numel, location = storage_from_pid(pid)
+            if key not in storages:
+                storages[key] = StorageRef(key, dtype, numel, location)
+            return storages[key]
+
+        try:
+            root, foreign = restricted_load(handle, persistent_load)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(exc.message, path=path, hint=HINT) from exc
+        keys = _plain_pickle(handle, path, "storage key list")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise CorruptCheckpointError("storage key list is not a list of strings", path=path)
+        spans: dict[str, StorageSpan] = {}
+        offset = handle.tell()
+        for key in keys:
+            handle.seek(offset)
+            raw = handle.read(8)
+            if len(raw) != 8:
+                raise CorruptCheckpointError(f"storage '{key}' is cut off", path=path, hint=HINT)
+            (count,) = struct.unpack("<q" if byteorder == "little" else ">q", raw)
+            ref = storages.get(key)
+            if ref is None:
+                raise CorruptCheckpointError(f"storage '{key}' is listed but never used",
+                                             path=path, hint=HINT)
+            length = count * DTYPE_SIZES[ref.dtype]
+            if count < 0 or length > LIMITS.max_tensor_bytes:
+                raise LimitExceededError(f"storage '{key}' declares {count} elements", path=path)
+            if count < ref.numel or offset + 8 + length > file_size:
+                raise CorruptCheckpointError(f"storage '{key}' is shorter than declared",
+                                             path=path, hint=HINT)
+            spans[key] = StorageSpan(path, offset + 8, length, byteorder)
+            offset += 8 + length
+        missing = set(storages) - set(spans)
+        if missing:
+            raise CorruptCheckpointError(f"storages {sorted(missing)[:3]} have no data",
+                                         path=path, hint=HINT)
+    return LoadedFile(path, "torch-legacy", root, spans, foreign)

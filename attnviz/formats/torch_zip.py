@@ -1,0 +1,138 @@
+"""torch zip checkpoints (torch >= 1.6): ``<prefix>/data.pkl`` plus stored storage records.
+
+Only ``data.pkl`` is read and unpickled (restricted); storage records are located from their
+local zip headers so values can later be read by offset, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+from typing import IO, Any
+
+from attnviz.dtypes import DTYPE_SIZES
+from attnviz.errors import CorruptCheckpointError, LimitExceededError, UnsupportedCheckpointError
+from attnviz.formats.base import LoadedFile, StorageSpan
+from attnviz.formats.safe_pickle import StorageRef, restricted_load, storage_from_pid
+from attnviz.limits import LIMITS
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
+HINT = "the file is damaged or truncated; download or save it again"
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise CorruptCheckpointError(f"broken zip container ({exc})", path=path, hint=HINT) from exc
+    except (zipfile.LargeZipFile, ValueError, OSError, struct.error) as exc:
+        raise CorruptCheckpointError(f"unreadable zip container ({exc})", path=path,
+                                     hint=HINT) from exc
+
+
+def _find_pickle(path: Path, names: list[str]) -> str:
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise UnsupportedCheckpointError(
+            "this is a TorchScript archive, which holds code; attnviz reads only weights",
+            path=path, hint="save a state_dict with torch.save(model.state_dict(), 'model.pth')")
+    pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
+    if not pickles:
+        raise CorruptCheckpointError("zip holds no data.pkl, so it is not a torch checkpoint",
+                                     path=path, hint=HINT)
+    if len(pickles) > 1:
+        raise CorruptCheckpointError(f"zip holds {len(pickles)} data.pkl records: {pickles[:3]}",
+                                     path=path, hint=HINT)
+    return pickles[0]
+
+
+def _data_offset(handle: IO[bytes], info: zipfile.ZipInfo, path: Path) -> int:
+    handle.seek(info.header_offset)
+    raw = handle.read(_LOCAL_HEADER.size)
+    if len(raw) != _LOCAL_HEADER.size:
+        raise CorruptCheckpointError(f"record '{info.filename}' is cut off", path=path, hint=HINT)
+    fields = _LOCAL_HEADER.unpack(raw)
+    if fields[0] != b"PK\x03\x04":
+        raise CorruptCheckpointError(f"record '{info.filename}' has a bad local header",
+                                     path=path, hint=HINT)
+    return info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+
+
+def _read_small(archive: zipfile.ZipFile, name: str, path: Path, limit: int) -> bytes:
+    info = archive.getinfo(name)
+    if info.file_size > limit:
+        raise LimitExceededError(f"record '{name}' declares {info.file_size} bytes, over the cap "
+                                 f"of {limit}", path=path, hint="raise ATTNVIZ_MAX_PICKLE_BYTES")
+    try:
+        with archive.open(info) as stream:
+            data = stream.read(limit + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise CorruptCheckpointError(f"record '{name}' cannot be read ({exc})", path=path,
+                                     hint=HINT) from exc
+    if len(data) > limit:
+        raise LimitExceededError(f"record '{name}' inflates past {limit} bytes", path=path)
+    return data
+
+
+def read_torch_zip(path: Path) -> LoadedFile:
+    file_size = path.stat().st_size
+    with _open_zip(path) as archive:
+        names = archive.namelist()
+        pkl_name = _find_pickle(path, names)
+        prefix = pkl_name[: -len("data.pkl")]
+        if f"{prefix}version" in names:
+            version = _read_small(archive, f"{prefix}version", path, 64).strip()
+            if not version.isdigit():
+                raise CorruptCheckpointError(f"bad version record {version[:20]!r}", path=path,
+                                             hint=HINT)
+        byteorder = "little"
+        if f"{prefix}byteorder" in names:
+            byteorder = _read_small(archive, f"{prefix}byteorder", path, 16).decode(
+                "ascii", "replace").strip()
+            if byteorder not in {"little", "big"}:
+                raise CorruptCheckpointError(f"bad byteorder record {byteorder!r:.20}", path=path)
+        pickle_bytes = _read_small(archive, pkl_name, path, LIMITS.max_pickle_bytes)
+        infos = {info.filename: info for info in archive.infolist()}
+        storages: dict[str, StorageRef] = {}
+
+        def persistent_load(pid: Any) -> StorageRef:
+            dtype, key, numel, location = storage_from_pid(pid)
+            if key in storages:
+                return storages[key]
+            info = infos.get(f"{prefix}data/{key}")
+            if info is None:
+                raise CorruptCheckpointError(f"storage record 'data/{key}' is missing", path=path,
+                                             hint=HINT)
+            need = numel * DTYPE_SIZES[dtype]
+            if info.file_size < need:
+                raise CorruptCheckpointError(
+                    f"storage record 'data/{key}' holds {info.file_size} bytes, its tensors need "
+                    f"{need}", path=path, hint=HINT)
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise UnsupportedCheckpointError(
+                    f"storage record 'data/{key}' is compressed; torch writes them stored",
+                    path=path, hint="re-save the file with torch.save")
+            if info.header_offset + info.file_size > file_size:
+                raise CorruptCheckpointError(f"storage record 'data/{key}' runs past the end "
+                                             f"of the file", path=path, hint=HINT)
+            storages[key] = StorageRef(key, dtype, numel, location)
+            return storages[key]
+
+        try:
+            root, foreign = restricted_load(pickle_bytes, persistent_load)
+        except CorruptCheckpointError as exc:
+            if exc.path is None:
+                exc = CorruptCheckpointError(exc.message, path=path, hint=HINT)
+            raise exc from exc.__cause__
+
+    spans: dict[str, StorageSpan] = {}
+    with path.open("rb") as handle:
+        for key, ref in storages.items():
+            info = infos[f"{prefix}data/{key}"]
+            start = _data_offset(handle, info, path)
+            length = ref.numel * DTYPE_SIZES[ref.dtype]
+            if start + length > file_size:
+                raise CorruptCheckpointError(f"storage record 'data/{key}' runs past the end of "
+                                             f"the file", path=path, hint=HINT)
+            spans[key] = StorageSpan(path, start, length, byteorder)
+    return LoadedFile(path, "torch-zip", root, spans, foreign)

@@ -1,0 +1,216 @@
+"""Resolving the number of heads, which no weight tensor stores.
+
+Order, first answer wins and its source is always reported: ``--heads`` (global or per-layer
+pattern), a config.json, training args stored in the checkpoint, shapes that carry it. Otherwise
+"unknown": never a silent default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from attnviz.errors import HeadsError, UsageError
+from attnviz.formats.safe_pickle import ForeignObject
+from attnviz.layouts.spec import AttentionLayer, Packing
+
+# (layer-name regex, settings key). Scoped keys come first so that encoder/decoder stacks of
+# different widths (BART, Whisper) each get their own count.
+HEAD_KEYS: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)decoder\.", "decoder_attention_heads"),
+    (r"(^|\.)encoder\.", "encoder_attention_heads"),
+    (r"(^|\.)decoder\.", "n_text_head"),  # OpenAI Whisper dims
+    (r"(^|\.)encoder\.", "n_audio_head"),
+    (r"(^|\.)(vision_model|visual)\.", "vision_config.num_attention_heads"),
+    (r"(^|\.)text_model\.", "text_config.num_attention_heads"),
+    ("", "num_attention_heads"),
+    ("", "n_head"),
+    ("", "n_heads"),
+    ("", "num_heads"),
+    ("", "nheads"),
+    ("", "nhead"),
+)
+KV_HEAD_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads",
+                "multi_query_group_num")
+HEAD_DIM_KEYS = ("head_dim",)
+# Where training scripts keep their hyper-parameters inside a checkpoint.
+CHECKPOINT_SETTINGS = ("args", "model_args", "config", "hyper_parameters", "hparams", "dims",
+                       "cfg", "opt", "hyper_params")
+
+
+@dataclass(frozen=True)
+class HeadsOverride:
+    """``--heads N`` (pattern None) or ``--heads 'glob=N'``."""
+
+    pattern: str | None
+    heads: int
+
+
+def parse_heads_option(values: Iterable[str]) -> tuple[HeadsOverride, ...]:
+    overrides = []
+    for raw in values:
+        pattern, _, count = raw.rpartition("=")
+        if not count.strip().isdigit() or int(count) <= 0:
+            raise UsageError(f"--heads '{raw}' is not N or 'pattern=N' with N a positive integer",
+                             hint="e.g. --heads 8 or --heads 'decoder.*=16'")
+        overrides.append(HeadsOverride(pattern.strip() or None, int(count)))
+    return tuple(overrides)
+
+
+@dataclass(frozen=True)
+class HeadsInfo:
+    """A layer's resolved head geometry."""
+
+    num_heads: int | None
+    source: str
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+
+
+def _get(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if isinstance(node, Mapping):
+            node = node.get(part)
+        elif isinstance(node, ForeignObject):
+            node = node.attribute(part)
+        else:
+            return None
+    return node
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value > 0:
+        return value
+    return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A place hyper-parameters come from: a config.json or args inside the checkpoint."""
+
+    label: str  # "config.json" or "checkpoint args"
+    node: Any
+
+    def lookup(self, keys: Iterable[str]) -> tuple[int, str] | None:
+        for key in keys:
+            value = _positive_int(_get(self.node, key))
+            if value is not None:
+                return value, key
+        return None
+
+    def heads_for(self, layer_name: str) -> tuple[int, str] | None:
+        for scope, key in HEAD_KEYS:
+            if scope and not re.search(scope, layer_name):
+                continue
+            found = self.lookup([key])
+            if found is not None:
+                return found
+        return None
+
+    def kv_heads(self) -> tuple[int, str] | None:
+        if _get(self.node, "multi_query") is True and not self.lookup(KV_HEAD_KEYS):
+            return 1, "multi_query"
+        return self.lookup(KV_HEAD_KEYS)
+
+
+def settings_from(config: Mapping[str, Any] | None, root: Any) -> list[Settings]:
+    """The config.json (if any), then each hyper-parameter block found in the checkpoint."""
+    sources = [Settings("config.json", config)] if config else []
+    if isinstance(root, Mapping | ForeignObject):
+        for key in CHECKPOINT_SETTINGS:
+            node = _get(root, key)
+            if isinstance(node, Mapping | ForeignObject):
+                sources.append(Settings(f"checkpoint {key}", node))
+    return sources
+
+
+def _override_for(name: str, overrides: tuple[HeadsOverride, ...]) -> HeadsOverride | None:
+    chosen = None
+    for item in overrides:
+        if item.pattern is None and chosen is None:
+            chosen = item
+        elif item.pattern is not None and fnmatch.fnmatchcase(name or "(root)", item.pattern):
+            chosen = item  # patterns beat the global count; the last matching pattern wins
+    return chosen
+
+
+def _shape_heads(layer: AttentionLayer, peers: list[AttentionLayer]) -> tuple[int, str] | None:
+    """Heads from this layer's own shapes, else from same-width layers' shapes if they agree."""
+    for candidates in ([layer], [p for p in peers if p.q_rows == layer.q_rows]):
+        found = set()
+        for item in candidates:
+            for kind, value, tensor in item.heads_evidence:
+                if kind == "num_heads":
+                    found.add((value, tensor))
+                elif kind == "head_dim" and item.q_rows % value == 0:
+                    found.add((item.q_rows // value, tensor))
+        if len({value for value, _ in found}) == 1:
+            value, tensor = sorted(found)[0]
+            return value, f"shape of {tensor}"
+    return None
+
+
+def resolve_heads(
+    layer: AttentionLayer,
+    *,
+    overrides: tuple[HeadsOverride, ...] = (),
+    settings: list[Settings] | None = None,
+    peers: list[AttentionLayer] | None = None,
+) -> HeadsInfo:
+    """Resolve H (and Hkv, d) for one layer; raise ``HeadsError`` when they cannot fit."""
+    settings = settings or []
+    heads: int | None = None
+    source = "unknown"
+    override = _override_for(layer.name, overrides)
+    if override is not None:
+        heads = override.heads
+        source = "--heads" if override.pattern is None else f"--heads '{override.pattern}'"
+    if heads is None:
+        for item in settings:
+            found = item.heads_for(layer.name)
+            if found is not None:
+                heads, source = found[0], f"{item.label}: {found[1]}"
+                break
+    if heads is None:
+        if (found := _shape_heads(layer, peers or [])) is not None:
+            heads, source = found
+    if heads is None:
+        for item in settings:  # a head_dim setting alone still fixes H
+            if (dim := item.lookup(HEAD_DIM_KEYS)) is not None and layer.q_rows % dim[0] == 0:
+                heads, source = layer.q_rows // dim[0], f"{item.label}: {dim[1]} ({dim[0]})"
+                break
+    if heads is None:
+        return HeadsInfo(None, "unknown (pass --heads N)", None, None)
+
+    where = f"layer '{layer.display_name}'"
+    if layer.q_rows % heads:
+        raise HeadsError(f"{where}: embed dim E={layer.q_rows} is not divisible by H={heads} "
+                         f"heads (from {source})", hint="pass the right count with --heads")
+    head_dim = layer.q_rows // heads
+    kv_heads = _kv_heads(layer, heads, head_dim, settings, where)
+    return HeadsInfo(heads, source, kv_heads, head_dim)
+
+
+def _kv_heads(layer: AttentionLayer, heads: int, head_dim: int, settings: list[Settings],
+              where: str) -> int:
+    if layer.kv_rows is None or layer.kv_rows % head_dim:
+        raise HeadsError(f"{where}: k/v rows {layer.kv_rows} are not a multiple of head dim "
+                         f"{head_dim} (E={layer.q_rows}, H={heads})",
+                         hint="pass the right count with --heads")
+    kv_heads = layer.kv_rows // head_dim
+    if kv_heads == 0 or heads % kv_heads:
+        raise HeadsError(f"{where}: {kv_heads} key/value heads do not divide H={heads} "
+                         f"(E={layer.q_rows})", hint="pass the right count with --heads")
+    for item in settings:
+        declared = item.kv_heads()
+        if declared is not None and layer.packing is not Packing.INTERLEAVED and (
+            declared[0] != kv_heads and layer.kv_rows != layer.q_rows
+        ):
+            raise HeadsError(f"{where}: {item.label} says {declared[1]}={declared[0]} but the "
+                             f"shapes give {kv_heads} key/value heads for H={heads}")
+    return kv_heads

@@ -1,0 +1,153 @@
+"""``inspect_checkpoint``: the attention layers of a checkpoint, as data (and as JSON)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attnviz import __version__
+from attnviz.checkpoint import Checkpoint, load_checkpoint
+from attnviz.containers import ForeignObjectInfo
+from attnviz.heads import HeadsInfo, parse_heads_option, resolve_heads, settings_from
+from attnviz.layouts import AttentionLayer, Unrecognised, find_attention_layers
+
+JSON_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One attention layer with its resolved heads."""
+
+    layer: AttentionLayer
+    heads: HeadsInfo
+
+
+@dataclass
+class InspectReport:
+    checkpoint: Checkpoint
+    layers: list[LayerReport]
+    unrecognised: list[Unrecognised]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        return dict(Counter(t.dtype for t in self.checkpoint.tensors.values()).most_common())
+
+    @property
+    def code_objects(self) -> list[ForeignObjectInfo]:
+        return [f for f in self.checkpoint.foreign_objects if f.names_code]
+
+
+def analyse(checkpoint: Checkpoint, heads: Iterable[str] = ()) -> InspectReport:
+    """Find and resolve the attention layers of an already loaded checkpoint."""
+    overrides = parse_heads_option(heads)
+    layers, unrecognised = find_attention_layers(checkpoint.tensors)
+    settings = settings_from(checkpoint.config, checkpoint.root)
+    reports = [
+        LayerReport(layer, resolve_heads(layer, overrides=overrides, settings=settings,
+                                         peers=layers))
+        for layer in layers
+    ]
+    warnings = list(checkpoint.warnings)
+    for item in checkpoint.foreign_objects:
+        if item.names_code:
+            warnings.append(
+                f"DANGER: the file names code '{item.qualified_name}' ({item.where}); "
+                "torch.load(weights_only=False) would run it. attnviz did not.")
+    if checkpoint.tensors and not layers:
+        warnings.append("no attention layers recognised")
+    unknown = [r.layer.display_name for r in reports if r.heads.num_heads is None]
+    if unknown:
+        warnings.append(f"heads unknown for {len(unknown)} layer(s); pass --heads N "
+                        "(or --heads 'pattern=N') or --config config.json")
+    for pattern in {o.pattern for o in overrides if o.pattern}:
+        if not any(fnmatch.fnmatchcase(r.layer.display_name, pattern) for r in reports):
+            warnings.append(f"--heads pattern '{pattern}' matches no attention layer")
+    return InspectReport(checkpoint, reports, unrecognised, warnings)
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    *,
+    heads: Iterable[str] = (),
+    config: str | Path | None = None,
+    key: str | None = None,
+) -> InspectReport:
+    """Load a checkpoint's metadata and report its attention layers; reads no tensor values."""
+    return analyse(load_checkpoint(path, key=key, config=config), heads)
+
+
+def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -> dict[str, Any]:
+    """The documented ``--json`` document (docs/json-schema.md), schema version 1."""
+    ckpt = report.checkpoint
+    tensors = [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "nbytes": t.nbytes}
+        for t in ckpt.tensors.values()
+        if tensor_filter is None or fnmatch.fnmatchcase(t.name, tensor_filter)
+    ]
+    attention = []
+    for item in report.layers:
+        layer, heads = item.layer, item.heads
+        if tensor_filter and not fnmatch.fnmatchcase(layer.display_name, tensor_filter):
+            continue
+        keys = layer.keys
+        attention.append({
+            "name": layer.name,
+            "layout": layer.layout,
+            "packing": layer.packing.value,
+            "transposed": layer.transposed,
+            "embed_dim": layer.embed_dim,
+            "kdim": layer.kdim,
+            "vdim": layer.vdim,
+            "q_dim": layer.q_rows,
+            "kv_dim": layer.kv_rows,
+            "num_heads": heads.num_heads,
+            "num_heads_source": heads.source,
+            "num_kv_heads": heads.num_kv_heads,
+            "head_dim": heads.head_dim,
+            "has_bias": layer.has_bias,
+            "dtype": layer.dtype,
+            "tensors": {
+                "q": keys.get("q", keys.get("qkv")),
+                "k": keys.get("k", keys.get("qkv")),
+                "v": keys.get("v", keys.get("qkv")),
+                "out": keys.get("out"),
+                "q_bias": keys.get("q_bias", keys.get("qkv_bias")),
+                "k_bias": keys.get("k_bias", keys.get("qkv_bias")),
+                "v_bias": keys.get("v_bias", keys.get("qkv_bias")),
+                "out_bias": keys.get("out_bias"),
+            },
+            "other_tensors": {role: name for role, name in keys.items()
+                              if role not in {"q", "k", "v", "qkv", "out", "q_bias", "k_bias",
+                                              "v_bias", "qkv_bias", "out_bias"}},
+        })
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "attnviz_version": __version__,
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "files": [str(p) for p in ckpt.files],
+        "container_key": ckpt.container_key,
+        "other_containers": ckpt.other_containers,
+        "stripped_prefix": ckpt.stripped_prefix,
+        "config": str(ckpt.config_path) if ckpt.config_path else None,
+        "num_tensors": len(ckpt.tensors),
+        "num_parameters": ckpt.num_parameters,
+        "total_bytes": ckpt.total_bytes,
+        "dtypes": report.dtypes,
+        "metadata": ckpt.metadata,
+        "tensors": tensors,
+        "attention": attention,
+        "unrecognised": [{"name": u.name, "shape": list(u.shape), "reason": u.reason}
+                         for u in report.unrecognised],
+        "foreign_objects": [
+            {"name": f.qualified_name, "names_code": f.names_code, "where": f.where,
+             "detail": f.detail}
+            for f in ckpt.foreign_objects
+        ],
+        "warnings": report.warnings,
+    }

@@ -1,0 +1,196 @@
+"""Matching the registry's layouts against a checkpoint's tensor names and shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from attnviz.layouts.registry import LAYOUTS, PROJECTION_LEAVES, PROJECTION_NAMES
+from attnviz.layouts.spec import (
+    AttentionLayer,
+    Evidence,
+    LayoutSpec,
+    Packing,
+    ShapeRule,
+    Unrecognised,
+    fill,
+)
+
+
+class HasShape(Protocol):
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+
+class NoMatch(Exception):
+    """This spec does not fit this layer; the message says why (kept for 'unrecognised')."""
+
+
+def _linear(shape: tuple[int, ...], transposed: bool, what: str) -> tuple[int, int]:
+    """(out_features, in_features) of a stored 2-D weight."""
+    if len(shape) != 2:
+        raise NoMatch(f"{what} has shape {list(shape)}, expected 2-D")
+    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+
+
+def _rule_holds(rule: ShapeRule, rows: int, cols: int) -> bool:
+    return {
+        ShapeRule.ANY: True,
+        ShapeRule.ROWS_3X_COLS: rows == 3 * cols,
+        ShapeRule.COLS_3X_ROWS: cols == 3 * rows,
+        ShapeRule.ROWS_NOT_3X_COLS: rows != 3 * cols,
+    }[rule]
+
+
+class _Layer:
+    """Lookups for one candidate prefix: existing, unclaimed tensors by template."""
+
+    def __init__(self, prefix: str, tensors: Mapping[str, HasShape], claimed: set[str]):
+        self.prefix = prefix
+        self.tensors = tensors
+        self.claimed = claimed
+        self.keys: dict[str, str] = {}
+
+    def find(self, role: str, templates: tuple[str, ...] | str | None) -> str | None:
+        if templates is None:
+            return None
+        for template in (templates,) if isinstance(templates, str) else templates:
+            name = fill(template, self.prefix)
+            if name in self.tensors and name not in self.claimed:
+                self.keys[role] = name
+                return name
+        return None
+
+    def shape(self, role: str) -> tuple[int, ...]:
+        return tuple(self.tensors[self.keys[role]].shape)
+
+    def check_vector(self, role: str, size: int) -> None:
+        if role in self.keys and self.shape(role) != (size,):
+            raise NoMatch(f"{self.keys[role]} has shape {list(self.shape(role))}, expected [{size}]")
+
+
+def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
+               claimed: set[str]) -> AttentionLayer:
+    layer = _Layer(prefix, tensors, claimed)
+    out_name = layer.find("out", spec.out)
+    out_features = out_in = None
+    if out_name is not None:
+        out_features, out_in = _linear(layer.shape("out"), spec.transposed, out_name)
+
+    fused_rows: int | None = None
+    if spec.qkv is not None:
+        qkv = layer.find("qkv", spec.qkv)
+        if qkv is None:
+            raise NoMatch("no fused qkv tensor")
+        stored = layer.shape("qkv")
+        if len(stored) != 2 or not _rule_holds(spec.shape_rule, stored[0], stored[1]):
+            raise NoMatch(f"{qkv} has shape {list(stored)}; {spec.name} needs {spec.shape_rule.value}")
+        rows, embed = _linear(stored, spec.transposed, qkv)
+        fused_rows = rows
+        if spec.packing is Packing.INTERLEAVED or out_in is None:
+            if spec.packing is Packing.GROUPED and out_in is None:
+                q_rows = embed  # without an output projection assume H*d == E
+            elif rows % 3:
+                raise NoMatch(f"{qkv} has {rows} rows, not divisible by 3")
+            else:
+                q_rows = rows // 3
+        else:
+            q_rows = out_in
+        kv_rows: int | None = (rows - q_rows) // 2
+        if kv_rows is None or kv_rows <= 0 or q_rows + 2 * kv_rows != rows or kv_rows > q_rows:
+            raise NoMatch(f"{qkv} has {rows} rows, which do not split into q={q_rows} + 2 k/v")
+        kdim = vdim = embed
+    else:
+        for role, template in (("q", spec.q), ("k", spec.k), ("v", spec.v)):
+            if layer.find(role, template) is None:
+                raise NoMatch(f"no {role} projection ({fill(str(template), prefix)})")
+        q_rows, embed = _linear(layer.shape("q"), False, layer.keys["q"])
+        k_rows, kdim = _linear(layer.shape("k"), False, layer.keys["k"])
+        v_rows, vdim = _linear(layer.shape("v"), False, layer.keys["v"])
+        if k_rows != v_rows or q_rows % k_rows:
+            raise NoMatch(f"q/k/v rows {q_rows}/{k_rows}/{v_rows} fit no head split")
+        kv_rows = k_rows
+    if out_in is not None and spec.packing is Packing.SEPARATE and out_in != q_rows:
+        raise NoMatch(f"{out_name} takes {out_in} inputs but q has {q_rows} rows")
+
+    layer.find("qkv_bias", spec.qkv_bias)
+    for role, template in (("q_bias", spec.q_bias), ("k_bias", spec.k_bias),
+                           ("v_bias", spec.v_bias), ("out_bias", spec.out_bias)):
+        layer.find(role, template)
+    layer.check_vector("qkv_bias", fused_rows or q_rows + 2 * kv_rows)
+    layer.check_vector("q_bias", q_rows)
+    layer.check_vector("k_bias", kv_rows)
+    layer.check_vector("v_bias", kv_rows)
+    if out_features is not None:
+        layer.check_vector("out_bias", out_features)
+
+    evidence: list[tuple[str, int, str]] = []
+    for aux in spec.aux:
+        name = layer.find(aux.role, aux.template)
+        if name is None:
+            continue
+        shape = layer.shape(aux.role)
+        if aux.evidence is Evidence.HEADS_LAST_DIM and len(shape) >= 2 and shape[-1] > 0:
+            evidence.append(("num_heads", shape[-1], name))
+        elif aux.evidence is Evidence.HEAD_DIM_SIZE and len(shape) == 1 and 0 < shape[0] < q_rows:
+            evidence.append(("head_dim", shape[0], name))
+
+    main = layer.keys.get("qkv") or layer.keys["q"]
+    return AttentionLayer(
+        name=prefix[:-1] if prefix.endswith(".") else prefix,
+        layout=spec.name,
+        packing=spec.packing,
+        transposed=spec.transposed,
+        keys=dict(layer.keys),
+        embed_dim=embed,
+        kdim=kdim,
+        vdim=vdim,
+        q_rows=q_rows,
+        kv_rows=kv_rows,
+        fused_rows=fused_rows,
+        out_features=out_features,
+        has_bias=any(r.endswith("bias") and not r.startswith("bias_") for r in layer.keys),
+        dtype=tensors[main].dtype,
+        heads_evidence=tuple(evidence),
+    )
+
+
+def _looks_like_projection(name: str) -> bool:
+    parts = name.split(".")
+    if parts[-1] in PROJECTION_LEAVES:
+        return True
+    return len(parts) >= 2 and parts[-1] in {"weight", "bias"} and parts[-2] in PROJECTION_NAMES
+
+
+def find_attention_layers(
+    tensors: Mapping[str, HasShape], layouts: tuple[LayoutSpec, ...] = LAYOUTS
+) -> tuple[list[AttentionLayer], list[Unrecognised]]:
+    """Every attention layer the registry recognises, in checkpoint order, and the leftovers."""
+    order = {name: index for index, name in enumerate(tensors)}
+    claimed: set[str] = set()
+    layers: list[AttentionLayer] = []
+    reasons: dict[str, str] = {}
+    for spec in layouts:
+        for name in tensors:
+            if name in claimed:
+                continue
+            match = spec.pattern.match(name)
+            if match is None:
+                continue
+            try:
+                layer = _match_one(spec, match.group("p"), tensors, claimed)
+            except NoMatch as why:
+                reasons.setdefault(name, f"{spec.name}: {why}")
+                continue
+            layers.append(layer)
+            claimed.update(layer.keys.values())
+    layers.sort(key=lambda item: order[item.keys.get("qkv") or item.keys["q"]])
+    unrecognised = [
+        Unrecognised(name, tuple(info.shape), reasons.get(name, "no layout uses these key names"))
+        for name, info in tensors.items()
+        if name not in claimed and _looks_like_projection(name)
+    ]
+    return layers, unrecognised

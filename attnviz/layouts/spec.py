@@ -1,0 +1,123 @@
+"""Declared checkpoint layouts: what a layout record says, and what matching one yields.
+
+A ``LayoutSpec`` is data: an anchor pattern naming the layer prefix, key templates for each
+role, a packing, an orientation and a shape rule. ``{p}`` in a template is the layer prefix
+(with its trailing dot, possibly empty) and ``{parent}`` the prefix one module up, for HF BERT
+whose output projection sits beside ``attention.self`` rather than inside it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Packing(str, Enum):
+    """How q, k and v rows are arranged in the stored tensors (Linear orientation)."""
+
+    SEPARATE = "separate"  # q, k, v in their own tensors
+    BLOCKED = "blocked"  # one tensor, rows [Q (Hq*d) | K (Hkv*d) | V (Hkv*d)]
+    INTERLEAVED = "interleaved"  # one tensor, rows (H, 3, d): per head q, k, v
+    GROUPED = "grouped"  # one tensor, rows (Hkv, H/Hkv + 2, d): a group's queries, then k, v
+
+
+class ShapeRule(str, Enum):
+    """Conditions on the fused tensor's (rows, cols), in stored orientation."""
+
+    ANY = "any"
+    ROWS_3X_COLS = "rows == 3 * cols"  # Linear [3E, E]
+    COLS_3X_ROWS = "cols == 3 * rows"  # Conv1D [E, 3E]
+    ROWS_NOT_3X_COLS = "rows != 3 * cols"  # grouped packings with fewer kv heads
+
+
+class Evidence(str, Enum):
+    """What an auxiliary tensor's shape says about heads."""
+
+    NONE = "none"
+    HEADS_LAST_DIM = "heads = last dim"  # relative position bias tables [..., H]
+    HEAD_DIM_SIZE = "head_dim = size"  # q/k norms of size d
+
+
+@dataclass(frozen=True)
+class AuxTensor:
+    """A non-projection tensor that belongs to the layer (norms, bias tables, mask buffers)."""
+
+    role: str
+    template: str
+    evidence: Evidence = Evidence.NONE
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """One checkpoint convention, declared as data."""
+
+    name: str
+    description: str
+    anchor: str  # regex with group 'p' (layer prefix incl. trailing dot)
+    packing: Packing
+    q: str | None = None  # separate weights
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None  # fused weight
+    out: tuple[str, ...] = ()  # output projection weight, first existing wins
+    q_bias: str | None = None
+    k_bias: str | None = None
+    v_bias: str | None = None
+    qkv_bias: str | None = None  # packed bias (fused, or torch MHA over separate weights)
+    out_bias: tuple[str, ...] = ()
+    aux: tuple[AuxTensor, ...] = ()
+    transposed: bool = False  # stored (in, out) like GPT-2 Conv1D
+    shape_rule: ShapeRule = ShapeRule.ANY
+    examples: str = ""
+    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", re.compile(self.anchor))
+        fused = self.qkv is not None
+        if fused == (self.q is not None) or (not fused and (self.k is None or self.v is None)):
+            raise ValueError(f"layout {self.name}: declare either qkv or q, k and v")
+
+
+def fill(template: str, prefix: str) -> str:
+    """Expand ``{p}``/``{parent}`` for one layer prefix (prefix ends with '.' or is empty)."""
+    parent = prefix[:-1].rsplit(".", 1)[0] + "." if prefix.count(".") > 1 else ""
+    return template.format(p=prefix, parent=parent)
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """An attention layer found in a checkpoint, before heads are known.
+
+    Dims are in Linear orientation whatever the storage: ``q_rows`` = H*d, ``kv_rows`` =
+    Hkv*d (None for grouped packings until H is known), ``embed_dim`` = input width of q.
+    """
+
+    name: str
+    layout: str
+    packing: Packing
+    transposed: bool
+    keys: dict[str, str]  # role -> tensor name (q, k, v, qkv, out, *_bias, aux roles)
+    embed_dim: int
+    kdim: int
+    vdim: int
+    q_rows: int
+    kv_rows: int | None
+    fused_rows: int | None
+    out_features: int | None
+    has_bias: bool
+    dtype: str
+    heads_evidence: tuple[tuple[str, int, str], ...] = ()  # (kind, value, tensor name)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or "(root)"
+
+
+@dataclass(frozen=True)
+class Unrecognised:
+    """A tensor that looks like an attention projection but matches no layout."""
+
+    name: str
+    shape: tuple[int, ...]
+    reason: str
