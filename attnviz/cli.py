@@ -40,7 +40,7 @@ class AttnvizGroup(TyperGroup):
             raise typer.Exit(error.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except Exception as error:  # noqa: BLE001 - the one place unexpected errors end
+        except Exception as error:
             if _debug_enabled() or ctx.obj == "debug":
                 raise
             if type(error).__module__.startswith(("typer", "click")):
@@ -92,7 +92,8 @@ def inspect(
     heads: HeadsOpt = None,
     config: ConfigOpt = None,
     key: KeyOpt = None,
-    show_all: Annotated[bool, typer.Option("--all", help="Also show every tensor as a tree.")] = False,
+    show_all: Annotated[bool, typer.Option(
+        "--all", help="Also show every tensor as a tree.")] = False,
     filter_glob: Annotated[str | None, typer.Option(
         "--filter", help="Only layers/tensors whose name matches this glob.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document "
@@ -175,8 +176,8 @@ def _print_inspect(report: InspectReport, *, show_all: bool, tensor_filter: str 
         odd = Table(title="unrecognised attention-like tensors", title_justify="left")
         for column in ("tensor", "shape", "why"):
             odd.add_column(column)
-        for item in report.unrecognised:
-            odd.add_row(item.name, str(list(item.shape)), item.reason)
+        for odd_tensor in report.unrecognised:
+            odd.add_row(odd_tensor.name, str(list(odd_tensor.shape)), odd_tensor.reason)
         console.print(odd)
     if show_all:
         tree = Tree(str(ckpt.path.name))

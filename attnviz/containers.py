@@ -34,6 +34,7 @@ class ForeignObjectInfo:
     names_code: bool
     where: str
     detail: str
+    attributes: dict[str, str | int | float | bool | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,26 +186,38 @@ def strip_prefixes(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef],
 
 def foreign_objects(root: Any, globals_named: list[type[ForeignObject]]) -> list[ForeignObjectInfo]:
     """One entry per foreign global: where its first instance sits and what it recorded."""
-    first_seen: dict[str, tuple[str, str]] = {}
+    first_seen: dict[str, ForeignObject] = {}
+    where: dict[str, str] = {}
     for path, node in walk(root):
         if isinstance(node, ForeignObject):
             name = type(node).qualified_name()
             if name not in first_seen:
-                first_seen[name] = (path or "<root>", _describe(node))
+                first_seen[name], where[name] = node, path or "<root>"
     infos = []
     for cls in globals_named:
         name = cls.qualified_name()
-        where, detail = first_seen.get(name, ("<referenced only>", ""))
-        infos.append(ForeignObjectInfo(name, cls.names_code, where, detail))
+        node = first_seen.get(name)
+        if node is None:
+            infos.append(ForeignObjectInfo(name, cls.names_code, "<referenced only>", ""))
+        else:
+            infos.append(ForeignObjectInfo(name, cls.names_code, where[name], _describe(node),
+                                           _plain_attributes(node)))
     return infos
+
+
+def _plain_attributes(node: ForeignObject) -> dict[str, str | int | float | bool | None]:
+    """Scalar attributes recorded for a placeholder (``args.nheads``), for display and JSON."""
+    if not isinstance(node.state, Mapping):
+        return {}
+    return {str(k): v for k, v in list(node.state.items())[:500]
+            if isinstance(v, str | int | float | bool | type(None))}
 
 
 def _describe(node: ForeignObject) -> str:
     if isinstance(node, NumpyScalar) and node.value is not None:
         return f"value={node.value!r}"
     if isinstance(node.state, Mapping):
-        plain = {k: v for k, v in node.state.items()
-                 if isinstance(v, str | int | float | bool | type(None))}
+        plain = _plain_attributes(node)
         return ", ".join(f"{k}={v!r}" for k, v in list(plain.items())[:8])[:200]
     if node.args:
         return ("args=" + ", ".join(repr(a) if isinstance(a, str | int | float | bytes)

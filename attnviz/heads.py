@@ -176,9 +176,8 @@ def resolve_heads(
             if found is not None:
                 heads, source = found[0], f"{item.label}: {found[1]}"
                 break
-    if heads is None:
-        if (found := _shape_heads(layer, peers or [])) is not None:
-            heads, source = found
+    if heads is None and (found := _shape_heads(layer, peers or [])) is not None:
+        heads, source = found
     if heads is None:
         for item in settings:  # a head_dim setting alone still fixes H
             if (dim := item.lookup(HEAD_DIM_KEYS)) is not None and layer.q_rows % dim[0] == 0:

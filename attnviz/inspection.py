@@ -146,7 +146,7 @@ def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -
                          for u in report.unrecognised],
         "foreign_objects": [
             {"name": f.qualified_name, "names_code": f.names_code, "where": f.where,
-             "detail": f.detail}
+             "detail": f.detail, "attributes": f.attributes}
             for f in ckpt.foreign_objects
         ],
         "warnings": report.warnings,

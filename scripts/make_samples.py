@@ -67,8 +67,8 @@ def detr_state_dict(hidden: int = 64, nheads: int = 4, queries: int = 10,
         for name, value in layer.state_dict().items():
             sd[f"transformer.encoder.layers.{i}.{name}"] = value
     for i in range(2):
-        layer = nn.TransformerDecoderLayer(hidden, nheads, dim_feedforward=128)
-        for name, value in layer.state_dict().items():
+        decoder_layer = nn.TransformerDecoderLayer(hidden, nheads, dim_feedforward=128)
+        for name, value in decoder_layer.state_dict().items():
             sd[f"transformer.decoder.layers.{i}.{name}"] = value
     norm = nn.LayerNorm(hidden)
     for name, value in norm.state_dict().items():

@@ -30,12 +30,12 @@ def detect_format(path: Path) -> str:
         raise UnknownFormatError("the file is empty", path=path, hint="download or save it again")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return TORCH_ZIP
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 8 + header_len <= size:
+            return SAFETENSORS
     if head.startswith(b"\x80") and len(head) >= 2 and 2 <= head[1] <= 5:
         return TORCH_LEGACY
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 8 + header_len <= size:
-            return SAFETENSORS
     stripped = head.lstrip()
     if stripped.startswith(b"version https://git-lfs"):
         raise UnknownFormatError("this is a Git LFS pointer, not the weights", path=path,

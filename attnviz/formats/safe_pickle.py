@@ -119,6 +119,10 @@ class ForeignObject:
     foreign_module: str = ""
     foreign_name: str = ""
     names_code: bool = False
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    items: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
         instance = super().__new__(cls)
@@ -157,9 +161,9 @@ class ForeignObject:
         """Read a recorded attribute (``args.nheads``) from state or keyword arguments."""
         if isinstance(self.state, dict) and name in self.state:
             return self.state[name]
-        if isinstance(self.state, tuple) and self.state and isinstance(self.state[-1], dict):
-            if name in self.state[-1]:
-                return self.state[-1][name]
+        state = self.state
+        if isinstance(state, tuple) and state and isinstance(state[-1], dict) and name in state[-1]:
+            return state[-1][name]
         return self.kwargs.get(name)
 
     def __repr__(self) -> str:

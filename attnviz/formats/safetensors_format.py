@@ -101,7 +101,7 @@ def read_safetensors(path: Path) -> LoadedFile:
             raise _fail(path, f"tensor '{name}' has offsets [{begin}, {end}]")
         if end - begin != numel * DTYPE_SIZES[dtype]:
             raise _fail(path, f"tensor '{name}' {list(shape)} {dtype} needs "
-                              f"{numel * DTYPE_SIZES[dtype]} bytes but its offsets hold {end - begin}")
+                        f"{numel * DTYPE_SIZES[dtype]} bytes but its offsets hold {end - begin}")
         ranges.append((begin, end, name))
         storage = StorageRef(key=name, dtype=dtype, numel=numel, location="cpu")
         stride = tuple(_contiguous_strides(shape))

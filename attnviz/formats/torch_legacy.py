@@ -32,7 +32,7 @@ def _plain_pickle(handle: IO[bytes], path: Path, what: str) -> Any:
         return NoGlobals(handle).load()
     except CorruptCheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of the C unpickler is bad input
+    except Exception as exc:
         raise CorruptCheckpointError(f"cannot read the {what} ({exc})", path=path,
                                      hint=HINT) from exc
 
@@ -43,7 +43,7 @@ def read_torch_legacy(path: Path) -> LoadedFile:
         magic = _plain_pickle(handle, path, "magic number")
         if magic != LEGACY_MAGIC:
             raise CorruptCheckpointError("a pickle, but without the torch magic number", path=path,
-                                         hint="attnviz reads torch checkpoints, not arbitrary pickles")
+                                         hint="attnviz reads torch checkpoints, not any pickle")
         protocol = _plain_pickle(handle, path, "protocol version")
         if protocol != 1001:
             raise CorruptCheckpointError(f"unsupported legacy protocol {protocol!r:.20}", path=path)

@@ -55,7 +55,7 @@ def _data_offset(handle: IO[bytes], info: zipfile.ZipInfo, path: Path) -> int:
     if fields[0] != b"PK\x03\x04":
         raise CorruptCheckpointError(f"record '{info.filename}' has a bad local header",
                                      path=path, hint=HINT)
-    return info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    return int(info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
 
 
 def _read_small(archive: zipfile.ZipFile, name: str, path: Path, limit: int) -> bytes:

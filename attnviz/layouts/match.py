@@ -69,7 +69,8 @@ class _Layer:
 
     def check_vector(self, role: str, size: int) -> None:
         if role in self.keys and self.shape(role) != (size,):
-            raise NoMatch(f"{self.keys[role]} has shape {list(self.shape(role))}, expected [{size}]")
+            shape = list(self.shape(role))
+            raise NoMatch(f"{self.keys[role]} has shape {shape}, expected [{size}]")
 
 
 def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
@@ -87,7 +88,8 @@ def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
             raise NoMatch("no fused qkv tensor")
         stored = layer.shape("qkv")
         if len(stored) != 2 or not _rule_holds(spec.shape_rule, stored[0], stored[1]):
-            raise NoMatch(f"{qkv} has shape {list(stored)}; {spec.name} needs {spec.shape_rule.value}")
+            raise NoMatch(f"{qkv} has shape {list(stored)}; {spec.name} needs "
+                          f"{spec.shape_rule.value}")
         rows, embed = _linear(stored, spec.transposed, qkv)
         fused_rows = rows
         if spec.packing is Packing.INTERLEAVED or out_in is None:
@@ -105,7 +107,7 @@ def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
         kdim = vdim = embed
     else:
         for role, template in (("q", spec.q), ("k", spec.k), ("v", spec.v)):
-            if layer.find(role, template) is None:
+            if template is None or layer.find(role, template) is None:
                 raise NoMatch(f"no {role} projection ({fill(str(template), prefix)})")
         q_rows, embed = _linear(layer.shape("q"), False, layer.keys["q"])
         k_rows, kdim = _linear(layer.shape("k"), False, layer.keys["k"])
@@ -117,9 +119,10 @@ def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
         raise NoMatch(f"{out_name} takes {out_in} inputs but q has {q_rows} rows")
 
     layer.find("qkv_bias", spec.qkv_bias)
-    for role, template in (("q_bias", spec.q_bias), ("k_bias", spec.k_bias),
-                           ("v_bias", spec.v_bias), ("out_bias", spec.out_bias)):
-        layer.find(role, template)
+    layer.find("q_bias", spec.q_bias)
+    layer.find("k_bias", spec.k_bias)
+    layer.find("v_bias", spec.v_bias)
+    layer.find("out_bias", spec.out_bias)
     layer.check_vector("qkv_bias", fused_rows or q_rows + 2 * kv_rows)
     layer.check_vector("q_bias", q_rows)
     layer.check_vector("k_bias", kv_rows)

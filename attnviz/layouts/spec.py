@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Packing(str, Enum):
+class Packing(StrEnum):
     """How q, k and v rows are arranged in the stored tensors (Linear orientation)."""
 
     SEPARATE = "separate"  # q, k, v in their own tensors
@@ -22,7 +22,7 @@ class Packing(str, Enum):
     GROUPED = "grouped"  # one tensor, rows (Hkv, H/Hkv + 2, d): a group's queries, then k, v
 
 
-class ShapeRule(str, Enum):
+class ShapeRule(StrEnum):
     """Conditions on the fused tensor's (rows, cols), in stored orientation."""
 
     ANY = "any"
@@ -31,7 +31,7 @@ class ShapeRule(str, Enum):
     ROWS_NOT_3X_COLS = "rows != 3 * cols"  # grouped packings with fewer kv heads
 
 
-class Evidence(str, Enum):
+class Evidence(StrEnum):
     """What an auxiliary tensor's shape says about heads."""
 
     NONE = "none"

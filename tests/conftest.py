@@ -1,0 +1,48 @@
+"""Shared fixtures: writing hand-built state_dicts the way each library stores them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SaveFn = Callable[..., Path]
+
+
+def write_checkpoint(
+    directory: Path,
+    state_dict: Mapping[str, torch.Tensor] | Any,
+    name: str = "model.safetensors",
+    config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a state_dict (safetensors when the name says so, else torch.save) and a config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    if name.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    else:
+        torch.save(state_dict, path)
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def save(tmp_path: Path) -> SaveFn:
+    counter = iter(range(1_000_000))
+
+    def _save(state_dict: Any, name: str = "model.safetensors",
+              config: Mapping[str, Any] | None = None) -> Path:
+        return write_checkpoint(tmp_path / f"ckpt{next(counter)}", state_dict, name, config)
+
+    return _save
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
