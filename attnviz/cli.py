@@ -21,6 +21,7 @@ from attnviz.errors import EXIT_FAILURE, AttnvizError, UsageError
 
 if TYPE_CHECKING:
     from attnviz.inspection import InspectReport
+    from attnviz.split_export import SplitResult
 
 
 def _debug_enabled() -> bool:
@@ -111,6 +112,94 @@ def inspect(
         typer.echo(json.dumps(report_to_json(report, tensor_filter=filter_glob), indent=2))
         return
     _print_inspect(report, show_all=show_all, tensor_filter=filter_glob)
+
+
+@app.command("split-qkv")
+def split_qkv(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file "
+                                         "(.safetensors, .pt or .npz).")],
+    heads: HeadsOpt = None,
+    config: ConfigOpt = None,
+    key: KeyOpt = None,
+    layers: Annotated[str | None, typer.Option(
+        "--layers", help="Only layers whose name matches this glob.")] = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="safetensors, pt or npz (default: from the output suffix).")] = None,
+    stacked: Annotated[bool, typer.Option(
+        "--stacked", help="Write {layer}.q.weight [H, d, E] instead of one tensor per head.")]
+    = False,
+    out_proj: Annotated[bool, typer.Option(
+        "--out-proj/--no-out-proj", help="Also write each head's columns of the output "
+        "projection.")] = True,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check per-head attention against the layout's reference; exit 1 on "
+        "a mismatch.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Export each attention layer's Wq/Wk/Wv/Wo per head, in Linear (out, in) orientation."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from attnviz.split_export import LayerDone, split_checkpoint
+
+    if config is not None and not config.is_file():
+        raise UsageError(f"--config {config}: no such file")
+    console = Console(highlight=False)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn(
+        "{task.completed}/{task.total} layers"), TimeRemainingColumn(), transient=True,
+        console=Console(stderr=True), disable=not sys.stderr.isatty())
+    task = progress.add_task("splitting", total=None)
+
+    def on_layer(done: LayerDone) -> None:
+        progress.update(task, total=done.total, completed=done.index + 1,
+                        description=done.layer[-40:])
+        if done.verify is not None:
+            check = done.verify
+            status = "[green]ok[/]" if check.ok() else "[bold red]MISMATCH[/]"
+            console.print(f"verify {done.layer}: max abs error {check.max_abs_error:.2e} "
+                          f"(weights {check.max_abs_error_weights:.2e}) vs {check.reference} "
+                          f"{status}")
+
+    with progress:
+        result = split_checkpoint(checkpoint, output, heads=heads or (), config=config, key=key,
+                                  layers=layers, fmt=fmt, stacked=stacked, out_proj=out_proj,
+                                  verify=verify, force=force, on_layer=on_layer)
+    table = _split_table(result)
+    console.print(table)
+    console.print(f"wrote {result.output} ({result.format}, {result.tensors_written} tensors, "
+                  f"{_size(result.bytes_written)})"
+                  + (f" and {result.sidecar}" if result.sidecar else ""))
+    if result.upcast:
+        console.print(f"[yellow]note:[/] {len(result.upcast)} tensors upcast to float32 (numpy "
+                      "has no bfloat16/float8)")
+
+
+def _split_table(result: SplitResult) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{len(result.layers)} layers split", title_justify="left")
+    for column in ("layer", "layout", "heads", "kv heads", "head dim", "source", "tensors"):
+        table.add_column(column)
+    for done in result.layers:
+        table.add_row(done.layer, done.layout, str(done.heads.num_heads),
+                      str(done.heads.num_kv_heads), str(done.heads.head_dim), done.heads.source,
+                      str(done.tensors))
+    return table
+
+
+@app.command("merge-qkv")
+def merge_qkv(
+    split: Annotated[Path, typer.Argument(help="A file written by 'attnviz split-qkv'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file "
+                                         "(.safetensors or .pt).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Rebuild the original packed tensors from a split-qkv file, bit for bit."""
+    from attnviz.split_export import merge_split
+
+    result = merge_split(split, output, force=force)
+    typer.echo(f"wrote {result.output} ({result.layers} layers, {result.tensors} tensors)")
 
 
 def _size(num_bytes: int) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from attnviz.errors import ContainerKeyError, LimitExceededError
-from attnviz.formats.safe_pickle import ForeignObject, NumpyScalar, TensorRef
+from attnviz.formats.safe_pickle import ForeignCall, ForeignObject, NumpyScalar, TensorRef
 from attnviz.limits import LIMITS
 
 # Wrapper keys that usually hold the weights, best first; EMA copies come last.
@@ -92,21 +92,38 @@ def walk(root: Any) -> Iterator[tuple[str, Any]]:
         frontier = next_frontier
 
 
-def _module_tensors(module: ForeignObject, prefix: str, out: dict[str, TensorRef],
-                    depth: int = 0) -> None:
-    """Rebuild a state_dict from a pickled ``nn.Module`` placeholder's recorded state."""
-    state = module.state if isinstance(module.state, Mapping) else {}
-    for slot in ("_parameters", "_buffers"):
-        table = state.get(slot)
-        if isinstance(table, Mapping):
-            for name, value in table.items():
-                if isinstance(value, TensorRef):
-                    out[f"{prefix}{name}"] = value
-    children = state.get("_modules")
-    if isinstance(children, Mapping) and depth < LIMITS.max_depth:
-        for name, child in children.items():
-            if isinstance(child, ForeignObject):
-                _module_tensors(child, f"{prefix}{name}.", out, depth + 1)
+def _module_tensors(module: ForeignObject) -> dict[str, TensorRef]:
+    """Rebuild a state_dict from a pickled ``nn.Module`` placeholder's recorded state.
+
+    Iterative, each module visited once (a shared-submodule DAG costs its size, not its paths),
+    and buffers in ``_non_persistent_buffers_set`` skipped as ``state_dict()`` skips them.
+    """
+    out: dict[str, TensorRef] = {}
+    seen: set[int] = set()
+    stack: list[tuple[ForeignObject, str, int]] = [(module, "", 0)]
+    while stack:
+        node, prefix, depth = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        state = node.state if isinstance(node.state, Mapping) else {}
+        skipped = state.get("_non_persistent_buffers_set")
+        skipped = skipped if isinstance(skipped, set | frozenset) else set()
+        for slot in ("_parameters", "_buffers"):
+            table = state.get(slot)
+            if isinstance(table, Mapping):
+                for name, value in table.items():
+                    transient = slot == "_buffers" and name in skipped
+                    if isinstance(value, TensorRef) and not transient:
+                        out[f"{prefix}{name}"] = value
+        if len(out) > LIMITS.max_tensors:
+            raise LimitExceededError(f"pickled module holds over {LIMITS.max_tensors} tensors")
+        children = state.get("_modules")
+        if isinstance(children, Mapping) and depth < LIMITS.max_depth:
+            for name, child in reversed(list(children.items())):
+                if isinstance(child, ForeignObject):
+                    stack.append((child, f"{prefix}{name}.", depth + 1))
+    return out  # depth-first, own tensors before children's: state_dict() order
 
 
 def _is_module(node: Any) -> bool:
@@ -115,20 +132,24 @@ def _is_module(node: Any) -> bool:
 
 
 def _direct_tensors(node: Any) -> dict[str, TensorRef]:
-    """Tensors of a mapping, nested plain dicts flattened with dots; of a module, its state."""
-    out: dict[str, TensorRef] = {}
+    """Tensors of a mapping, nested plain dicts flattened with dots; of a module, its state.
+
+    Each nested dict is visited once, so a shared-reference DAG costs its size, not its paths.
+    """
     if _is_module(node):
-        _module_tensors(node, "", out)
-        return out
+        return _module_tensors(node)
+    out: dict[str, TensorRef] = {}
     if not isinstance(node, Mapping):
         return out
+    seen: set[int] = {id(node)}
     stack: list[tuple[str, Mapping[Any, Any], int]] = [("", node, 0)]
     while stack:
         prefix, mapping, depth = stack.pop()
         for key, value in mapping.items():
             if isinstance(value, TensorRef):
                 out[f"{prefix}{key}"] = value
-            elif isinstance(value, Mapping) and depth < 8 and value is not mapping:
+            elif isinstance(value, Mapping) and depth < 8 and id(value) not in seen:
+                seen.add(id(value))
                 stack.append((f"{prefix}{key}.", value, depth + 1))
         if len(out) > LIMITS.max_tensors:
             raise LimitExceededError(f"over {LIMITS.max_tensors} tensors")
@@ -136,25 +157,29 @@ def _direct_tensors(node: Any) -> dict[str, TensorRef]:
 
 
 def _candidates(root: Any) -> list[tuple[str, dict[str, TensorRef]]]:
-    """Every mapping or module holding tensors, outermost first, with no duplicates inside."""
+    """Every mapping with tensor values, and every pickled module, in breadth-first order."""
     found: list[tuple[str, dict[str, TensorRef]]] = []
     for path, node in walk(root):
-        if not (isinstance(node, Mapping) or _is_module(node)):
-            continue
-        if any(path.startswith(f"{p}.") or p == "" for p, _ in found):
-            continue  # inside an already chosen mapping
-        if isinstance(node, Mapping) and not any(isinstance(v, TensorRef) for v in node.values()):
-            continue  # a wrapper: its tensors are found one level down
-        tensors = _direct_tensors(node)
-        if tensors:
-            found.append((path, tensors))
+        if _is_module(node) or (isinstance(node, Mapping) and any(
+                isinstance(v, TensorRef) for v in node.values())):
+            tensors = _direct_tensors(node)
+            if tensors:
+                found.append((path, tensors))
     return found
 
 
-def _rank(path: str) -> tuple[int, int]:
-    last = path.rsplit(".", 1)[-1] if path else ""
-    order = WRAPPER_KEYS.index(last) if last in WRAPPER_KEYS else len(WRAPPER_KEYS)
-    return (path.count(".") if path else -1, order)
+def _choose(candidates: list[tuple[str, dict[str, TensorRef]]]) -> tuple[str, dict[str, TensorRef]]:
+    """A wrapper key (``state_dict``, ``model``...) nearest the top wins; else the largest."""
+    def wrapper_rank(path: str) -> tuple[int, int] | None:
+        last = path.rsplit(".", 1)[-1] if path else ""
+        if last not in WRAPPER_KEYS:
+            return None
+        return (path.count("."), WRAPPER_KEYS.index(last))
+
+    wrapped = [(rank, c) for c in candidates if (rank := wrapper_rank(c[0])) is not None]
+    if wrapped:
+        return min(wrapped, key=lambda item: item[0])[1]
+    return max(candidates, key=lambda c: (len(c[1]), -c[0].count(".") if c[0] else 1))
 
 
 def _navigate(root: Any, key: str) -> Any:
@@ -162,6 +187,8 @@ def _navigate(root: Any, key: str) -> Any:
     for part in key.split("."):
         if isinstance(node, Mapping) and part in node:
             node = node[part]
+        elif isinstance(node, Mapping) and part.lstrip("-").isdigit() and int(part) in node:
+            node = node[int(part)]  # optimizer state is keyed by parameter index
         elif isinstance(node, ForeignObject) and node.attribute(part) is not None:
             node = node.attribute(part)
         elif isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
@@ -188,8 +215,14 @@ def foreign_objects(root: Any, globals_named: list[type[ForeignObject]]) -> list
     """One entry per foreign global: where its first instance sits and what it recorded."""
     first_seen: dict[str, ForeignObject] = {}
     where: dict[str, str] = {}
+    calls: list[ForeignObjectInfo] = []
     for path, node in walk(root):
-        if isinstance(node, ForeignObject):
+        if isinstance(node, ForeignCall):
+            if len(calls) < 20:
+                calls.append(ForeignObjectInfo(f"{type(node.callee).qualified_name()}(...)",
+                                               node.calls_code, path or "<root>",
+                                               node.describe_call()))
+        elif isinstance(node, ForeignObject):
             name = type(node).qualified_name()
             if name not in first_seen:
                 first_seen[name], where[name] = node, path or "<root>"
@@ -202,7 +235,7 @@ def foreign_objects(root: Any, globals_named: list[type[ForeignObject]]) -> list
         else:
             infos.append(ForeignObjectInfo(name, cls.names_code, where[name], _describe(node),
                                            _plain_attributes(node)))
-    return infos
+    return infos + calls
 
 
 def _plain_attributes(node: ForeignObject) -> dict[str, str | int | float | bool | None]:
@@ -242,10 +275,11 @@ def find_tensor_mapping(
         tensors = _direct_tensors(node) if node is not None else {}
         if not tensors:
             raise ContainerKeyError(f"--key '{key}' names no mapping of tensors", path=path,
-                                    hint=f"mappings with tensors: {', '.join(paths) or 'none'}")
+                                    hint=f"mappings with tensors: {', '.join(paths[:10]) or 'none'}"
+                                    + (", ..." if len(paths) > 10 else ""))
         chosen: str | None = key
     elif candidates:
-        chosen_path, tensors = min(candidates, key=lambda c: _rank(c[0]))
+        chosen_path, tensors = _choose(candidates)
         chosen = chosen_path or None
         if _is_module(_navigate(root, chosen_path) if chosen_path else root):
             notes.append("the file pickles a whole nn.Module; its weights were read from the "
@@ -255,6 +289,12 @@ def find_tensor_mapping(
     stripped = None
     if strip:
         tensors, stripped = strip_prefixes(tensors)
-    alternatives = [p for p in paths if p != (chosen or "<root>")]
+    inside = f"{chosen}." if chosen else ""
+    alternatives = [
+        p for p, (raw, _) in zip(paths, candidates, strict=True)
+        if p != (chosen or "<root>") and chosen is not None and raw != ""
+        and not raw.startswith(inside) and not (chosen or "").startswith(f"{raw}.")
+        and (raw.count(".") <= 1 or raw.rsplit(".", 1)[-1] in WRAPPER_KEYS)
+    ]
     return TensorMapping(tensors, chosen, alternatives, stripped,
                          foreign_objects(root, globals_named or []), notes)

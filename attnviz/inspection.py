@@ -58,6 +58,9 @@ def analyse(checkpoint: Checkpoint, heads: Iterable[str] = ()) -> InspectReport:
             warnings.append(
                 f"DANGER: the file names code '{item.qualified_name}' ({item.where}); "
                 "torch.load(weights_only=False) would run it. attnviz did not.")
+    if checkpoint.metadata.get("format") == "attnviz-split":
+        warnings.append("this is an attnviz split-qkv output (per-head tensors); its layers are "
+                        "listed in the metadata, 'attnviz merge-qkv' rebuilds the source tensors")
     if checkpoint.tensors and not layers:
         warnings.append("no attention layers recognised")
     unknown = [r.layer.display_name for r in reports if r.heads.num_heads is None]

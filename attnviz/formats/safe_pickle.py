@@ -10,6 +10,7 @@ record naming ``os.system`` and its arguments, which ``inspect`` reports.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -150,8 +151,7 @@ class ForeignObject:
 
     def __call__(self, *args: Any, **kwargs: Any) -> ForeignObject:
         """A placeholder used as a callable (``getattr(os, 'system')('ls')``) records the call."""
-        call_cls = foreign_class(self.qualified_name() + "(...)", "__call__", self.names_code)
-        return call_cls(*args, **kwargs)
+        return ForeignCall(self, *args, **kwargs)
 
     @classmethod
     def qualified_name(cls) -> str:
@@ -174,6 +174,33 @@ def foreign_class(module: str, name: str, dangerous: bool | None = None) -> type
     flagged = names_code(module, name) if dangerous is None else dangerous
     attrs = {"foreign_module": module, "foreign_name": name, "names_code": flagged}
     return type(f"Foreign[{module}.{name}]", (ForeignObject,), attrs)
+
+
+class ForeignCall(ForeignObject):
+    """A call made on a placeholder: ``args[0]`` is the callee, the rest its arguments."""
+
+    foreign_module = "<call>"
+    foreign_name = "<call>"
+
+    @property
+    def callee(self) -> ForeignObject:
+        callee: ForeignObject = self.args[0]
+        return callee
+
+    def describe_call(self) -> str:
+        callee = self.callee
+        return f"{type(callee).qualified_name()}(...)(" + ", ".join(
+            repr(a) if isinstance(a, str | int | float | bytes) else type(a).__name__
+            for a in self.args[1:5]) + ")"
+
+    @property
+    def calls_code(self) -> bool:
+        node: Any = self
+        for _ in range(64):  # a chain of calls ends at a named global
+            if not isinstance(node, ForeignCall):
+                return bool(getattr(type(node), "names_code", False))
+            node = node.callee
+        return True
 
 
 class NumpyScalar(ForeignObject):
@@ -301,6 +328,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._persistent(pid)
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 files (torch.save's default) use Python 2 names: '__builtin__.set'
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         if key in SAFE_BUILDERS:
             return SAFE_BUILDERS[key]

@@ -56,8 +56,8 @@ def read_torch_legacy(path: Path) -> LoadedFile:
         storages: dict[str, StorageRef] = {}
 
         def persistent_load(pid: Any) -> Any:
-            if isinstance(pid, tuple) and pid and pid[0] == "module":
-                return None  # pickled module source, kept only for torch's source check
+            if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "module":
+                return pid[1]  # (module, class, file, source): the class (a placeholder here)
             dtype, key, numel, location = storage_from_pid(pid)
             if key not in storages:
                 storages[key] = StorageRef(key, dtype, numel, location)

@@ -1,0 +1,209 @@
+"""Per-head Wq/Wk/Wv/Wo from any registered layout, and the exact inverse.
+
+Pure functions over torch tensors. Everything is brought to PyTorch Linear orientation
+(out, in): Conv1D sources are transposed, interleaved and grouped packings de-interleaved. The
+split is logical: it is a reshape of the same numbers, so the parameter count never depends on
+the head count, and ``merge_heads(split_heads(...))`` rebuilds the stored tensors bit for bit.
+
+Example (a notebook)::
+
+    from attnviz import load_checkpoint
+    from attnviz.split import split_layer, merge_heads
+    ckpt = load_checkpoint("detr-r50.pth")
+    hw = split_layer(ckpt, "transformer.encoder.layers.0.self_attn")   # heads from args.nheads
+    hw.q.shape            # (8, 32, 256): Wq per head, (H, d, E)
+    hw.o.shape            # (8, 256, 32): head h's columns of out_proj, (H, E, d)
+    packed = merge_heads(hw)   # {'...in_proj_weight': tensor [768, 256], ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from attnviz.errors import AttnvizError, HeadsError
+from attnviz.heads import HeadsInfo
+from attnviz.layouts.spec import AttentionLayer, Packing
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from attnviz.checkpoint import Checkpoint
+
+# Layer tensors carried through a split unchanged (not projections, but needed to rebuild MHA).
+CARRIED_ROLES = ("bias_k", "bias_v")
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """One attention layer's weights per head, in Linear orientation.
+
+    ``q`` (H, d, E), ``k`` (Hkv, d, kdim), ``v`` (Hkv, d, vdim), biases (H|Hkv, d),
+    ``o`` (H, E_out, d): head h's columns of the output projection, ``o_bias`` (E_out,).
+    Query head h reads key/value head ``kv_map[h]``.
+    """
+
+    layer: AttentionLayer
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def kv_map(self) -> tuple[int, ...]:
+        group = self.num_heads // self.num_kv_heads
+        return tuple(h // group for h in range(self.num_heads))
+
+    @property
+    def num_parameters(self) -> int:
+        parts = [self.q, self.k, self.v, self.q_bias, self.k_bias, self.v_bias, self.o,
+                 self.o_bias]
+        return sum(int(p.numel()) for p in parts if p is not None)
+
+
+def _linear(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return tensor.t() if transposed and tensor.dim() == 2 else tensor
+
+
+def unpack_rows(packed: torch.Tensor, packing: Packing, heads: int, kv_heads: int,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split fused rows (dim 0) into q (H*d, ...), k (Hkv*d, ...), v (Hkv*d, ...)."""
+    rest = packed.shape[1:]
+    q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+    if packed.shape[0] != q_rows + 2 * kv_rows:
+        raise HeadsError(f"{packed.shape[0]} fused rows do not hold H={heads}, Hkv={kv_heads}, "
+                         f"d={head_dim}")
+    if packing in (Packing.BLOCKED, Packing.SEPARATE):  # SEPARATE: torch MHA's packed bias
+        q, k, v = torch.split(packed, [q_rows, kv_rows, kv_rows], dim=0)
+        return q, k, v
+    if packing is Packing.INTERLEAVED:
+        per_head = packed.reshape(heads, 3, head_dim, *rest)  # (H, 3, d, ...)
+        return (per_head[:, 0].reshape(q_rows, *rest), per_head[:, 1].reshape(kv_rows, *rest),
+                per_head[:, 2].reshape(kv_rows, *rest))
+    group = heads // kv_heads
+    grouped = packed.reshape(kv_heads, group + 2, head_dim, *rest)  # (Hkv, H/Hkv + 2, d, ...)
+    return (grouped[:, :group].reshape(q_rows, *rest),  # (H*d, ...)
+            grouped[:, group].reshape(kv_rows, *rest),  # (Hkv*d, ...)
+            grouped[:, group + 1].reshape(kv_rows, *rest))
+
+
+def pack_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, heads: int,
+              kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Inverse of ``unpack_rows``."""
+    rest = q.shape[1:]
+    if packing in (Packing.BLOCKED, Packing.SEPARATE):
+        return torch.cat([q, k, v], dim=0)
+    if packing is Packing.INTERLEAVED:
+        parts = [t.reshape(heads, head_dim, *rest) for t in (q, k, v)]  # each (H, d, ...)
+        return torch.stack(parts, dim=1).reshape(3 * heads * head_dim, *rest)  # (H*3*d, ...)
+    group = heads // kv_heads
+    grouped = torch.cat([
+        q.reshape(kv_heads, group, head_dim, *rest),  # (Hkv, g, d, ...)
+        k.reshape(kv_heads, 1, head_dim, *rest),
+        v.reshape(kv_heads, 1, head_dim, *rest),
+    ], dim=1)  # (Hkv, g + 2, d, ...)
+    return grouped.reshape((heads + 2 * kv_heads) * head_dim, *rest)
+
+
+def _geometry(layer: AttentionLayer, heads: HeadsInfo) -> tuple[int, int, int]:
+    if heads.num_heads is None or heads.num_kv_heads is None or heads.head_dim is None:
+        raise HeadsError(f"layer '{layer.display_name}': number of heads unknown",
+                         hint="pass --heads N (or --heads 'pattern=N') or --config")
+    return heads.num_heads, heads.num_kv_heads, heads.head_dim
+
+
+def split_heads(layer: AttentionLayer, heads: HeadsInfo,
+                tensors: Mapping[str, torch.Tensor]) -> HeadWeights:
+    """Split one layer's stored tensors (by source key) into per-head weights."""
+    num_heads, kv_heads, d = _geometry(layer, heads)
+    keys = layer.keys
+    if layer.packing is Packing.SEPARATE:
+        wq, wk, wv = (tensors[keys[r]] for r in ("q", "k", "v"))
+    else:
+        fused = _linear(tensors[keys["qkv"]], layer.transposed)  # (rows, E)
+        wq, wk, wv = unpack_rows(fused, layer.packing, num_heads, kv_heads, d)
+    if "qkv_bias" in keys:
+        bq, bk, bv = unpack_rows(tensors[keys["qkv_bias"]], layer.packing, num_heads, kv_heads, d)
+        biases: list[torch.Tensor | None] = [bq, bk, bv]
+    else:
+        biases = [tensors[keys[r]] if r in keys else None for r in ("q_bias", "k_bias", "v_bias")]
+    o = o_bias = None
+    if "out" in keys and keys["out"] in tensors:  # absent when the caller skips the out projection
+        wo = _linear(tensors[keys["out"]], layer.transposed)  # (E_out, H*d)
+        o = wo.reshape(wo.shape[0], num_heads, d).permute(1, 0, 2)  # (H, E_out, d)
+        o_bias = tensors.get(keys["out_bias"]) if "out_bias" in keys else None
+    return HeadWeights(
+        layer=layer, num_heads=num_heads, num_kv_heads=kv_heads, head_dim=d,
+        q=wq.reshape(num_heads, d, wq.shape[1]),  # (H, d, E)
+        k=wk.reshape(kv_heads, d, wk.shape[1]),  # (Hkv, d, kdim)
+        v=wv.reshape(kv_heads, d, wv.shape[1]),  # (Hkv, d, vdim)
+        q_bias=None if biases[0] is None else biases[0].reshape(num_heads, d),  # (H, d)
+        k_bias=None if biases[1] is None else biases[1].reshape(kv_heads, d),  # (Hkv, d)
+        v_bias=None if biases[2] is None else biases[2].reshape(kv_heads, d),
+        o=o, o_bias=o_bias,
+        carried={r: tensors[keys[r]] for r in CARRIED_ROLES if r in keys},
+    )
+
+
+def merge_heads(hw: HeadWeights) -> dict[str, torch.Tensor]:
+    """Rebuild the layer's stored tensors, under their source keys, bit for bit."""
+    layer, keys = hw.layer, hw.layer.keys
+    heads, kv_heads, d = hw.num_heads, hw.num_kv_heads, hw.head_dim
+    wq = hw.q.reshape(heads * d, -1)  # (H*d, E)
+    wk = hw.k.reshape(kv_heads * d, -1)  # (Hkv*d, kdim)
+    wv = hw.v.reshape(kv_heads * d, -1)
+    out: dict[str, torch.Tensor] = {}
+    if layer.packing is Packing.SEPARATE:
+        out.update({keys["q"]: wq, keys["k"]: wk, keys["v"]: wv})
+    else:
+        fused = pack_rows(wq, wk, wv, layer.packing, heads, kv_heads, d)  # (rows, E)
+        out[keys["qkv"]] = _linear(fused, layer.transposed)
+    flat = [None if b is None else b.reshape(-1) for b in (hw.q_bias, hw.k_bias, hw.v_bias)]
+    if "qkv_bias" in keys:
+        if any(b is None for b in flat):
+            raise AttnvizError(f"layer '{layer.display_name}': packed bias needs q, k and v biases")
+        bq, bk, bv = (b for b in flat if b is not None)
+        out[keys["qkv_bias"]] = pack_rows(bq, bk, bv, layer.packing, heads, kv_heads, d)
+    for role, bias in zip(("q_bias", "k_bias", "v_bias"), flat, strict=True):
+        if role in keys and bias is not None:
+            out[keys[role]] = bias
+    if "out" in keys and hw.o is not None:
+        wo = hw.o.permute(1, 0, 2).reshape(hw.o.shape[1], heads * d)  # (E_out, H*d)
+        out[keys["out"]] = _linear(wo, layer.transposed)
+    if "out_bias" in keys and hw.o_bias is not None:
+        out[keys["out_bias"]] = hw.o_bias
+    for role, tensor in hw.carried.items():
+        out[keys[role]] = tensor
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def source_keys(layer: AttentionLayer, *, out_proj: bool = True) -> list[str]:
+    """The stored tensors ``split_heads`` reads for a layer."""
+    roles = ["q", "k", "v", "qkv", "qkv_bias", "q_bias", "k_bias", "v_bias", *CARRIED_ROLES]
+    if out_proj:
+        roles += ["out", "out_bias"]
+    return [layer.keys[r] for r in roles if r in layer.keys]
+
+
+def split_layer(checkpoint: Checkpoint, name: str, heads: int | None = None) -> HeadWeights:
+    """Notebook helper: split one layer of a loaded checkpoint (heads resolved as inspect does)."""
+    from attnviz.inspection import analyse
+
+    report = analyse(checkpoint, [f"{name}={heads}"] if heads else ())
+    for item in report.layers:
+        if item.layer.name == name:
+            values = {key: checkpoint.read_tensor(key) for key in source_keys(item.layer)}
+            return split_heads(item.layer, item.heads, values)
+    names = ", ".join(r.layer.display_name for r in report.layers[:8])
+    raise AttnvizError(f"no attention layer named '{name}'", path=checkpoint.path,
+                       hint=f"layers: {names}")

@@ -1,0 +1,325 @@
+"""`split-qkv` and `merge-qkv`: per-head weights of a whole checkpoint, written atomically.
+
+Layers are read one at a time (only their tensors), split, written and dropped, so peak memory
+is about one layer. The output's metadata traces every tensor back to its source key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnviz import __version__
+from attnviz.atomic import atomic_output, check_output_path
+from attnviz.checkpoint import load_checkpoint
+from attnviz.errors import AttnvizError, CheckpointError, HeadsError, UsageError
+from attnviz.heads import HeadsInfo
+from attnviz.inspection import LayerReport, inspect_checkpoint
+from attnviz.layouts.spec import AttentionLayer, Packing
+from attnviz.split import HeadWeights, merge_heads, source_keys, split_heads
+from attnviz.tensor_writers import (
+    NpzWriter,
+    PlannedTensor,
+    dtype_name,
+    format_for,
+    open_writer,
+)
+from attnviz.verify import DEFAULT_TOLERANCE, VerifyResult, verify_split
+
+SPLIT_FORMAT = "attnviz-split"
+SPLIT_FORMAT_VERSION = "1"
+
+
+class VerificationError(AttnvizError):
+    """--verify found a layer whose per-head attention differs from the reference."""
+
+
+@dataclass(frozen=True)
+class LayerDone:
+    """Progress report after each layer."""
+
+    index: int
+    total: int
+    layer: str
+    layout: str
+    heads: HeadsInfo
+    tensors: int
+    verify: VerifyResult | None
+
+
+@dataclass
+class SplitResult:
+    output: Path
+    format: str
+    layers: list[LayerDone] = field(default_factory=list)
+    tensors_written: int = 0
+    bytes_written: int = 0
+    sidecar: Path | None = None
+    upcast: list[str] = field(default_factory=list)
+
+
+def head_tensors(hw: HeadWeights, *, stacked: bool = False,
+                 out_proj: bool = True) -> dict[str, torch.Tensor]:
+    """Export names: ``{layer}.heads.{h}.q.weight [d, E]`` ... or stacked ``{layer}.q.weight``."""
+    prefix = f"{hw.layer.name}." if hw.layer.name else ""
+    out: dict[str, torch.Tensor] = {}
+    roles = [("q", hw.q, hw.q_bias), ("k", hw.k, hw.k_bias), ("v", hw.v, hw.v_bias)]
+    if stacked:
+        for role, weight, bias in roles:
+            out[f"{prefix}{role}.weight"] = weight  # (H|Hkv, d, in)
+            if bias is not None:
+                out[f"{prefix}{role}.bias"] = bias  # (H|Hkv, d)
+        if out_proj and hw.o is not None:
+            out[f"{prefix}o.weight"] = hw.o  # (H, E_out, d)
+    else:
+        for role, weight, bias in roles:
+            group = "heads" if role == "q" or hw.num_kv_heads == hw.num_heads else "kv_heads"
+            for index in range(weight.shape[0]):
+                out[f"{prefix}{group}.{index}.{role}.weight"] = weight[index]  # (d, in)
+                if bias is not None:
+                    out[f"{prefix}{group}.{index}.{role}.bias"] = bias[index]  # (d,)
+        if out_proj and hw.o is not None:
+            for index in range(hw.num_heads):
+                out[f"{prefix}heads.{index}.o.weight"] = hw.o[index]  # (E_out, d)
+    if out_proj and hw.o_bias is not None:
+        out[f"{prefix}o.bias"] = hw.o_bias  # (E_out,): shared, not per head
+    for role, tensor in hw.carried.items():
+        out[f"{prefix}{role}"] = tensor
+    return out
+
+
+def layer_record(item: LayerReport, *, stacked: bool, out_proj: bool) -> dict[str, Any]:
+    layer, heads = item.layer, item.heads
+    group = (heads.num_heads or 1) // (heads.num_kv_heads or 1)
+    return {
+        "name": layer.name, "layout": layer.layout, "packing": layer.packing.value,
+        "transposed": layer.transposed, "keys": layer.keys, "embed_dim": layer.embed_dim,
+        "kdim": layer.kdim, "vdim": layer.vdim, "q_rows": layer.q_rows,
+        "kv_rows": layer.kv_rows, "fused_rows": layer.fused_rows,
+        "out_features": layer.out_features, "has_bias": layer.has_bias, "dtype": layer.dtype,
+        "num_heads": heads.num_heads, "num_kv_heads": heads.num_kv_heads,
+        "head_dim": heads.head_dim, "heads_source": heads.source,
+        "kv_map": [h // group for h in range(heads.num_heads or 0)],
+        "stacked": stacked, "out_proj": out_proj,
+    }
+
+
+def layer_from_record(record: dict[str, Any]) -> tuple[AttentionLayer, HeadsInfo]:
+    try:
+        layer = AttentionLayer(
+            name=record["name"], layout=record["layout"], packing=Packing(record["packing"]),
+            transposed=bool(record["transposed"]), keys=dict(record["keys"]),
+            embed_dim=record["embed_dim"], kdim=record["kdim"], vdim=record["vdim"],
+            q_rows=record["q_rows"], kv_rows=record["kv_rows"], fused_rows=record["fused_rows"],
+            out_features=record["out_features"], has_bias=record["has_bias"],
+            dtype=record["dtype"])
+        heads = HeadsInfo(record["num_heads"], record["heads_source"], record["num_kv_heads"],
+                          record["head_dim"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"split metadata is incomplete ({exc})") from exc
+    return layer, heads
+
+
+def _sha256(paths: Iterable[Path]) -> dict[str, str]:
+    digests = {}
+    for path in paths:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+        digests[path.name] = digest.hexdigest()
+    return digests
+
+
+def _select(items: list[LayerReport], pattern: str | None) -> list[LayerReport]:
+    chosen = [i for i in items if pattern is None or fnmatch.fnmatchcase(i.layer.display_name,
+                                                                         pattern)]
+    if not items:
+        raise AttnvizError("no attention layers recognised, nothing to split",
+                           hint="run 'attnviz inspect' to see what the file holds")
+    if not chosen:
+        names = ", ".join(i.layer.display_name for i in items[:6])
+        raise UsageError(f"--layers '{pattern}' matches no attention layer",
+                         hint=f"layers are named like: {names}")
+    unknown = [i.layer.display_name for i in chosen if i.heads.num_heads is None]
+    if unknown:
+        raise HeadsError(f"number of heads unknown for {len(unknown)} layer(s), e.g. "
+                         f"'{unknown[0]}'", hint="pass --heads N (or --heads 'pattern=N')")
+    return chosen
+
+
+def _meta(tensor_shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, torch.Tensor]:
+    return {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            for name, (shape, dtype) in tensor_shapes.items()}
+
+
+def split_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    heads: Iterable[str] = (),
+    config: str | Path | None = None,
+    key: str | None = None,
+    layers: str | None = None,
+    fmt: str | None = None,
+    stacked: bool = False,
+    out_proj: bool = True,
+    verify: bool = False,
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    on_layer: Callable[[LayerDone], None] | None = None,
+) -> SplitResult:
+    """Write every selected layer's per-head weights to ``output``; see module docstring."""
+    output = Path(output)
+    fmt = format_for(output, fmt)
+    report = inspect_checkpoint(checkpoint, heads=heads, config=config, key=key)
+    ckpt = report.checkpoint
+    selected = _select(report.layers, layers)
+    check_output_path(output, [Path(checkpoint), *ckpt.files], force=force)
+
+    plan: list[PlannedTensor] = []
+    for item in selected:  # names, shapes, dtypes from metadata alone (meta tensors, no bytes)
+        shapes = {k: (ckpt.tensors[k].shape, ckpt.tensors[k].dtype)
+                  for k in source_keys(item.layer, out_proj=out_proj)}
+        planned = head_tensors(split_heads(item.layer, item.heads, _meta(shapes)),
+                               stacked=stacked, out_proj=out_proj)
+        plan += [PlannedTensor(n, tuple(t.shape), dtype_name(t)) for n, t in planned.items()]
+    metadata = {
+        "format": SPLIT_FORMAT, "format_version": SPLIT_FORMAT_VERSION,
+        "attnviz_version": __version__, "source_file": Path(checkpoint).name,
+        "source_sha256": json.dumps(_sha256(ckpt.files)),
+        "layers": json.dumps([layer_record(i, stacked=stacked, out_proj=out_proj)
+                              for i in selected]),
+    }
+    result = SplitResult(output=output, format=fmt)
+    failures: list[VerifyResult] = []
+    with atomic_output(output) as temp:
+        writer = open_writer(fmt, temp, plan, metadata)
+        try:
+            for index, item in enumerate(selected):
+                wanted = source_keys(item.layer, out_proj=out_proj or verify)
+                source = {name: ckpt.read_tensor(name) for name in wanted}
+                hw = split_heads(item.layer, item.heads, source)
+                tensors = head_tensors(hw, stacked=stacked, out_proj=out_proj)
+                for name, tensor in tensors.items():
+                    writer.write(name, tensor)
+                    result.bytes_written += tensor.numel() * tensor.element_size()
+                result.tensors_written += len(tensors)
+                checked = verify_split(hw, source) if verify else None
+                if checked is not None and not checked.ok(tolerance):
+                    failures.append(checked)
+                done = LayerDone(index, len(selected), item.layer.display_name,
+                                 item.layer.layout, item.heads, len(tensors), checked)
+                result.layers.append(done)
+                if on_layer is not None:
+                    on_layer(done)
+            writer.finish()
+        finally:
+            writer.close()
+        if isinstance(writer, NpzWriter):
+            result.upcast = writer.upcast
+            metadata["upcast_to_float32"] = json.dumps(writer.upcast)
+        if failures:
+            worst = max(failures, key=lambda r: max(r.max_abs_error, r.max_abs_error_weights))
+            raise VerificationError(
+                f"--verify: {len(failures)} layer(s) differ from {worst.reference}, worst "
+                f"'{worst.layer}' max abs error {worst.max_abs_error:.3g} (tolerance "
+                f"{tolerance:g}); no output written", path=checkpoint,
+                hint="please report this with the --debug output")
+        if fmt != "safetensors":
+            sidecar = output.with_name(output.name + ".json")
+            check_output_path(sidecar, [Path(checkpoint)], force=force)
+            with atomic_output(sidecar) as side_temp:
+                side_temp.write_text(json.dumps(metadata, indent=2) + "\n")
+            result.sidecar = sidecar
+    return result
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    layers: int
+    tensors: int
+
+
+def _read_split(path: Path) -> tuple[dict[str, str], Callable[[str], torch.Tensor], set[str]]:
+    """Metadata, a tensor reader and the tensor names of a split file in any format."""
+    sidecar = path.with_name(path.name + ".json")
+    if path.suffix == ".npz":
+        import numpy as np
+
+        if not sidecar.is_file():
+            raise CheckpointError("npz split has no sidecar JSON", path=path,
+                                  hint=f"expected {sidecar.name} beside it")
+        archive = np.load(path, allow_pickle=False)
+        metadata = json.loads(sidecar.read_text())
+        return metadata, lambda name: torch.from_numpy(archive[name]), set(archive.files)
+    ckpt = load_checkpoint(path)
+    metadata = dict(ckpt.metadata)
+    if metadata.get("format") != SPLIT_FORMAT and sidecar.is_file():
+        metadata = json.loads(sidecar.read_text())
+    return metadata, ckpt.read_tensor, set(ckpt.tensors)
+
+
+def _gather(layer: AttentionLayer, heads: HeadsInfo, record: dict[str, Any],
+            read: Callable[[str], torch.Tensor], names: set[str]) -> HeadWeights:
+    """Reassemble ``HeadWeights`` from a split file's per-head (or stacked) tensors."""
+    prefix = f"{layer.name}." if layer.name else ""
+    num_heads, kv_heads = int(heads.num_heads or 0), int(heads.num_kv_heads or 0)
+
+    def part(role: str, kind: str) -> torch.Tensor | None:
+        if record["stacked"]:
+            name = f"{prefix}{role}.{kind}"
+            return read(name) if name in names else None
+        count = num_heads if role in {"q", "o"} else kv_heads
+        group = "heads" if role in {"q", "o"} or kv_heads == num_heads else "kv_heads"
+        found = [f"{prefix}{group}.{i}.{role}.{kind}" for i in range(count)]
+        if not all(n in names for n in found):
+            return None
+        return torch.stack([read(n) for n in found])  # (H|Hkv, d, in) or (H, d)
+
+    q, k, v = part("q", "weight"), part("k", "weight"), part("v", "weight")
+    if q is None or k is None or v is None:
+        raise CheckpointError(f"split file lacks q/k/v tensors of layer '{layer.display_name}'")
+    carried = {r: read(f"{prefix}{r}") for r in ("bias_k", "bias_v") if f"{prefix}{r}" in names}
+    o_bias_name = f"{prefix}o.bias"
+    return HeadWeights(layer, num_heads, kv_heads, int(heads.head_dim or 0), q, k, v,
+                       part("q", "bias"), part("k", "bias"), part("v", "bias"),
+                       part("o", "weight"), read(o_bias_name) if o_bias_name in names else None,
+                       carried)
+
+
+def merge_split(split: str | Path, output: str | Path, *, force: bool = False) -> MergeResult:
+    """Rebuild the original stored tensors (packed, transposed...) from a split file."""
+    split, output = Path(split), Path(output)
+    fmt = format_for(output, None)
+    if fmt == "npz":
+        raise UsageError("merge-qkv writes .safetensors or .pt/.pth, not .npz", path=output)
+    metadata, read, names = _read_split(split)
+    if metadata.get("format") != SPLIT_FORMAT:
+        raise CheckpointError("not an attnviz split file (no attnviz split metadata)",
+                              path=split, hint="pass a file written by 'attnviz split-qkv'")
+    check_output_path(output, [split], force=force)
+    try:
+        records = json.loads(metadata["layers"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError("split metadata 'layers' is unreadable", path=split) from exc
+    merged: dict[str, torch.Tensor] = {}
+    for record in records:
+        layer, heads = layer_from_record(record)
+        merged.update(merge_heads(_gather(layer, heads, record, read, names)))
+    with atomic_output(output) as temp:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(merged, str(temp), metadata={"source": split.name})
+        else:
+            torch.save(merged, temp)
+    return MergeResult(output, len(records), len(merged))

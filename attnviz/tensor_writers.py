@@ -1,0 +1,159 @@
+"""Writing tensors one at a time, so peak memory is one layer, not the whole output.
+
+safetensors: the header is computed up front from the planned names, shapes and dtypes (known
+from metadata alone), then each tensor's bytes are appended in plan order. npz: one stored
+``.npy`` member per tensor. pt: ``torch.save`` needs the whole dict, so it holds the output in
+memory (documented; safetensors is the default).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+import numpy as np
+import torch
+
+from attnviz.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES
+from attnviz.errors import AttnvizError, UsageError
+
+FORMATS = ("safetensors", "pt", "npz")
+SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+NUMPY_LOSSLESS = {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8",
+                  "bool"}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * DTYPE_SIZES[self.dtype]
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def format_for(path: Path, requested: str | None) -> str:
+    """The output format: ``--format`` if given (and not contradicting the suffix), else suffix."""
+    by_suffix = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt",
+                 ".npz": "npz"}.get(path.suffix.lower())
+    if requested is not None:
+        if requested not in FORMATS:
+            raise UsageError(f"--format {requested}: choose one of {', '.join(FORMATS)}")
+        if by_suffix is not None and by_suffix != requested:
+            raise UsageError(f"--format {requested} contradicts the output name {path.name}",
+                             hint=f"use a .{requested} file name or drop --format")
+        return requested
+    return by_suffix or "safetensors"
+
+
+class TensorWriter(Protocol):
+    """``write`` each tensor, ``finish`` once all are written, ``close`` always (idempotent)."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SafetensorsStreamWriter:
+    """Header first (from the plan), then tensor bytes in plan order."""
+
+    def __init__(self, path: Path, plan: Sequence[PlannedTensor], metadata: dict[str, str]):
+        self._plan = list(plan)
+        self._next = 0
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for item in self._plan:
+            if item.dtype not in SAFETENSORS_CODES:
+                raise UsageError(f"dtype {item.dtype} cannot be stored in safetensors")
+            header[item.name] = {"dtype": SAFETENSORS_CODES[item.dtype],
+                                 "shape": list(item.shape),
+                                 "data_offsets": [offset, offset + item.nbytes]}
+            offset += item.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the reference implementation aligns data to 8 bytes
+        self._handle: IO[bytes] = path.open("wb")
+        self._handle.write(len(raw).to_bytes(8, "little"))
+        self._handle.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._plan):
+            raise AttnvizError(f"internal error: tensor '{name}' was not planned")
+        item = self._plan[self._next]
+        if (item.name, item.shape, item.dtype) != (name, tuple(tensor.shape), dtype_name(tensor)):
+            raise AttnvizError(f"internal error: wrote '{name}' {tuple(tensor.shape)} where "
+                               f"'{item.name}' {item.shape} was planned")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+        self._handle.write(data.numpy().data)
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._next != len(self._plan):
+            raise AttnvizError(f"internal error: {len(self._plan) - self._next} planned tensors "
+                               "were not written")
+        self._handle.close()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class NpzWriter:
+    """A stored (uncompressed) zip of ``.npy`` members, one tensor at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self._zip = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.upcast: list[str] = []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if dtype_name(tensor) not in NUMPY_LOSSLESS:
+            self.upcast.append(name)  # numpy has no bfloat16 / float8
+            tensor = tensor.float()
+        array = tensor.detach().contiguous().numpy()
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, array, allow_pickle=False)
+
+    def finish(self) -> None:
+        self._zip.close()
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+class PtWriter:
+    """``torch.save`` of a flat dict: the whole output is held until ``close``."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._tensors[name] = tensor.detach().contiguous().clone()
+
+    def finish(self) -> None:
+        torch.save(self._tensors, self._path)
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def open_writer(fmt: str, path: Path, plan: Sequence[PlannedTensor],
+                metadata: dict[str, str]) -> SafetensorsStreamWriter | NpzWriter | PtWriter:
+    if fmt == "safetensors":
+        return SafetensorsStreamWriter(path, plan, metadata)
+    if fmt == "npz":
+        return NpzWriter(path)
+    return PtWriter(path)
