@@ -154,19 +154,17 @@ def split_qkv(
     def on_layer(done: LayerDone) -> None:
         progress.update(task, total=done.total, completed=done.index + 1,
                         description=done.layer[-40:])
-        if done.verify is not None:
+        if done.verify is not None and not done.verify.ok():
             check = done.verify
-            status = "[green]ok[/]" if check.ok() else "[bold red]MISMATCH[/]"
-            console.print(f"verify {done.layer}: max abs error {check.max_abs_error:.2e} "
-                          f"(weights {check.max_abs_error_weights:.2e}) vs {check.reference} "
-                          f"{status}")
+            console.print(f"[bold red]verify mismatch[/] {done.layer}: max abs error "
+                          f"{check.max_abs_error:.2e} (weights {check.max_abs_error_weights:.2e})"
+                          f" vs {check.reference}")
 
     with progress:
         result = split_checkpoint(checkpoint, output, heads=heads or (), config=config, key=key,
                                   layers=layers, fmt=fmt, stacked=stacked, out_proj=out_proj,
                                   verify=verify, force=force, on_layer=on_layer)
-    table = _split_table(result)
-    console.print(table)
+    console.print(_split_table(result))
     console.print(f"wrote {result.output} ({result.format}, {result.tensors_written} tensors, "
                   f"{_size(result.bytes_written)})"
                   + (f" and {result.sidecar}" if result.sidecar else ""))
@@ -178,13 +176,23 @@ def split_qkv(
 def _split_table(result: SplitResult) -> Any:
     from rich.table import Table
 
+    verified = any(done.verify is not None for done in result.layers)
     table = Table(title=f"{len(result.layers)} layers split", title_justify="left")
-    for column in ("layer", "layout", "heads", "kv heads", "head dim", "source", "tensors"):
-        table.add_column(column)
+    for column in ("layer", "layout", "H/Hkv/d", "heads from", "tensors"):
+        table.add_column(column, overflow="fold")
+    if verified:
+        table.add_column("verify (max abs err)")
     for done in result.layers:
-        table.add_row(done.layer, done.layout, str(done.heads.num_heads),
-                      str(done.heads.num_kv_heads), str(done.heads.head_dim), done.heads.source,
-                      str(done.tensors))
+        heads = done.heads
+        row = [done.layer, done.layout, f"{heads.num_heads}/{heads.num_kv_heads}/{heads.head_dim}",
+               heads.source, str(done.tensors)]
+        if done.verify is not None:
+            row.append(f"{max(done.verify.max_abs_error, done.verify.max_abs_error_weights):.1e}"
+                       + (" ok" if done.verify.ok() else " MISMATCH"))
+        table.add_row(*row)
+    if verified:
+        table.caption = ("verify: per-head attention vs nn.MultiheadAttention (MHA layouts) or "
+                         "F.scaled_dot_product_attention on the stored tensors, float64")
     return table
 
 

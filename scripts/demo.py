@@ -1,7 +1,9 @@
 """The main job (`make demo`): run attnviz on every bundled sample checkpoint.
 
-Writes, per sample, the `inspect` table (`*.inspect.txt`) and JSON (`*.inspect.json`) into the
-output folder (default: demo_output/) and prints where everything went.
+Writes into the output folder (default: demo_output/), and prints where everything went:
+- per sample, the `inspect` table (`*.inspect.txt`) and JSON (`*.inspect.json`);
+- per sample, `split-qkv --verify` per-head weights (`*.heads.safetensors`), and
+  `merge-qkv` of them back to the packed tensors (`*.merged.safetensors`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def main(argv: list[str]) -> int:
         (out / f"{stem}.inspect.txt").write_text(table)
         (out / f"{stem}.inspect.json").write_text(attnviz("inspect", path, "--json", *flags))
         written += [out / f"{stem}.inspect.txt", out / f"{stem}.inspect.json"]
+        heads_file = out / f"{stem}.heads.safetensors"
+        merged_file = out / f"{stem}.merged.safetensors"
+        print(attnviz("split-qkv", path, "-o", str(heads_file), "--verify", "--force", *flags))
+        print(attnviz("merge-qkv", str(heads_file), "-o", str(merged_file), "--force"))
+        written += [heads_file, merged_file]
     print(f"attnviz demo: wrote {len(written)} files to {out.resolve()}/")
     for output in written:
         print(f"  {output.name}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,3 +34,13 @@ def test_json_schema_doc_lists_every_top_level_field() -> None:
     schema = (ROOT / "docs" / "json-schema.md").read_text()
     for field in list(doc) + list(doc["attention"][0]):
         assert f"`{field}`" in schema, f"docs/json-schema.md does not document '{field}'"
+
+
+def test_python_examples_in_docs_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # examples use repository-relative sample paths
+    for page in ("split-qkv.md",):
+        text = (ROOT / "docs" / page).read_text()
+        blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+        assert blocks, page
+        for block in blocks:
+            exec(compile(block, f"docs/{page}", "exec"), {})

@@ -173,7 +173,8 @@ def test_cli_split_verify_and_merge_round_trip_bit_exact(tmp_path: Path) -> None
     out = tmp_path / "heads.safetensors"
     code, stdout, err = cli("split-qkv", str(source), "-o", str(out), "--verify")
     assert code == 0, err
-    assert stdout.count("vs nn.MultiheadAttention ok") == 6
+    assert stdout.count(" ok") == 6 and "MISMATCH" not in stdout
+    assert "nn.MultiheadAttention" in stdout
     split = load_file(str(out))
     name = "transformer.decoder.layers.1.multihead_attn"
     assert split[f"{name}.heads.3.q.weight"].shape == (16, 64)
@@ -187,6 +188,27 @@ def test_cli_split_verify_and_merge_round_trip_bit_exact(tmp_path: Path) -> None
     assert len(rebuilt) == 24
     for key, tensor in rebuilt.items():
         assert torch.equal(tensor, original[key]), key
+
+
+def test_verify_failure_exits_1_and_writes_nothing(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import attnviz.split_export as split_export
+
+    real = split_export.split_heads
+
+    def wrong_split(*args: object, **kwargs: object) -> object:
+        hw = real(*args, **kwargs)  # type: ignore[arg-type]
+        q = hw.q.clone()
+        q[[0, 1]] = q[[1, 0]]
+        return type(hw)(**{**hw.__dict__, "q": q})
+
+    monkeypatch.setattr(split_export, "split_heads", wrong_split)
+    out = tmp_path / "heads.safetensors"
+    code, stdout, err = cli("split-qkv", str(SAMPLES / "detr_tiny.pth"), "-o", str(out),
+                            "--verify")
+    assert code == 1
+    assert "verify mismatch" in stdout and "no output written" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_split_metadata_traces_every_tensor(tmp_path: Path) -> None:
