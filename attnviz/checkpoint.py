@@ -22,6 +22,7 @@ from attnviz.formats.torch_legacy import read_torch_legacy
 from attnviz.formats.torch_zip import read_torch_zip
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 READERS: dict[str, Callable[[Path], LoadedFile]] = {
@@ -84,6 +85,14 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    def read_array(self, name: str) -> np.ndarray[Any, Any]:
+        """Read one tensor's values as a numpy view (no torch; bfloat16 as a named dtype)."""
+        from attnviz.arrays import read_array
+
+        if name not in self.tensors:
+            raise CheckpointError(f"no tensor named '{name}'", path=self.path)
+        return read_array(self.tensors[name])
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor's values (imports torch)."""
@@ -156,12 +165,14 @@ def _tensor_infos(mapping: TensorMapping, spans: dict[str, StorageSpan]) -> dict
 
 
 def load_checkpoint(
-    path: str | Path, *, key: str | None = None, config: str | Path | None = None
+    path: str | Path, *, key: str | None = None, config: str | Path | None = None,
+    strip_prefixes: bool = True,
 ) -> Checkpoint:
     """Read a checkpoint's structure without reading tensor values or importing torch.
 
     ``key`` selects the mapping of tensors inside a wrapper (``model``, ``state_dict.ema``);
-    ``config`` names a config.json (default: one beside the checkpoint).
+    ``config`` names a config.json (default: one beside the checkpoint);
+    ``strip_prefixes=False`` keeps ``module.``/``_orig_mod.``/``model.`` prefixes.
     """
     path = Path(path)
     kind = detect.detect_format(path)
@@ -197,7 +208,8 @@ def load_checkpoint(
                                                                   strip=False).foreign]
     else:
         loaded = READERS[kind](weights)
-        mapping = find_tensor_mapping(loaded.root, key, weights, loaded.foreign)
+        mapping = find_tensor_mapping(loaded.root, key, weights, loaded.foreign,
+                                      strip=strip_prefixes)
         checkpoint = Checkpoint(
             path=path, format=loaded.format, tensors=_tensor_infos(mapping, loaded.spans),
             container_key=mapping.path, other_containers=mapping.alternatives,

@@ -75,3 +75,12 @@ TORCH_DTYPE_NAMES: dict[str, str] = {name: name for name in DTYPE_SIZES} | {
     "int": "int32",
     "short": "int16",
 }
+
+# numpy spelling of each dtype. numpy has no bfloat16/float8: those travel as a one-field
+# structured dtype named after the real dtype, which moves bytes exactly (splitting never does
+# arithmetic) and keeps the name for the writer.
+NUMPY_NATIVE: dict[str, str] = {
+    "float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4",
+    "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
+    "uint8": "u1", "bool": "?", "complex64": "<c8", "complex128": "<c16",
+}

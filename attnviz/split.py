@@ -1,8 +1,8 @@
 """Per-head Wq/Wk/Wv/Wo from any registered layout, and the exact inverse.
 
-Pure functions over torch tensors. Everything is brought to PyTorch Linear orientation
-(out, in): Conv1D sources are transposed, interleaved and grouped packings de-interleaved. The
-split is logical: it is a reshape of the same numbers, so the parameter count never depends on
+Pure functions over torch tensors or numpy arrays; everything is brought to PyTorch Linear
+orientation (out, in): Conv1D sources are transposed, interleaved and grouped packings
+de-interleaved. The split is logical: it is a reshape of the same numbers, so the parameter count never depends on
 the head count, and ``merge_heads(split_heads(...))`` rebuilds the stored tensors bit for bit.
 
 Example (a notebook)::
@@ -18,10 +18,11 @@ Example (a notebook)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from attnviz.errors import AttnvizError, HeadsError
 from attnviz.heads import HeadsInfo
@@ -32,6 +33,47 @@ if TYPE_CHECKING:
 
     from attnviz.checkpoint import Checkpoint
 
+# A torch.Tensor or a numpy array: the split only reshapes, slices and concatenates, so
+# ``split-qkv`` runs it on numpy views without importing torch, and notebooks on tensors.
+Array = Any
+
+
+class _Ops:
+    """The handful of array operations the split needs, for numpy or torch."""
+
+    def __init__(self, sample: Array) -> None:
+        self.numpy = isinstance(sample, np.ndarray)
+
+    def split_rows(self, array: Array, sizes: Sequence[int]) -> list[Array]:
+        if self.numpy:
+            return list(np.split(array, np.cumsum(sizes)[:-1].tolist(), axis=0))
+        import torch
+
+        return list(torch.split(array, list(sizes), dim=0))
+
+    def cat(self, arrays: Sequence[Array], dim: int = 0) -> Array:
+        if self.numpy:
+            return np.concatenate(arrays, axis=dim)
+        import torch
+
+        return torch.cat(list(arrays), dim=dim)
+
+    def stack(self, arrays: Sequence[Array], dim: int = 0) -> Array:
+        if self.numpy:
+            return np.stack(arrays, axis=dim)
+        import torch
+
+        return torch.stack(list(arrays), dim=dim)
+
+    def permute(self, array: Array, dims: tuple[int, ...]) -> Array:
+        return array.transpose(dims) if self.numpy else array.permute(dims)
+
+    def contiguous(self, array: Array) -> Array:
+        if self.numpy:
+            return array if array.flags.c_contiguous else array.copy()
+        return array.contiguous()
+
+DEFAULT_TOLERANCE = 1e-6  # --verify: float64 agreement; a wrong split errs by O(1)
 # Layer tensors carried through a split unchanged (not projections, but needed to rebuild MHA).
 CARRIED_ROLES = ("bias_k", "bias_v")
 
@@ -49,15 +91,15 @@ class HeadWeights:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    q_bias: torch.Tensor | None = None
-    k_bias: torch.Tensor | None = None
-    v_bias: torch.Tensor | None = None
-    o: torch.Tensor | None = None
-    o_bias: torch.Tensor | None = None
-    carried: dict[str, torch.Tensor] = field(default_factory=dict)
+    q: Array
+    k: Array
+    v: Array
+    q_bias: Array | None = None
+    k_bias: Array | None = None
+    v_bias: Array | None = None
+    o: Array | None = None
+    o_bias: Array | None = None
+    carried: dict[str, Array] = field(default_factory=dict)
 
     @property
     def kv_map(self) -> tuple[int, ...]:
@@ -68,15 +110,25 @@ class HeadWeights:
     def num_parameters(self) -> int:
         parts = [self.q, self.k, self.v, self.q_bias, self.k_bias, self.v_bias, self.o,
                  self.o_bias]
-        return sum(int(p.numel()) for p in parts if p is not None)
+        return sum(int(np.prod(p.shape)) for p in parts if p is not None)
+
+    def map(self, convert: Any) -> HeadWeights:
+        """The same weights with ``convert`` applied to every array (numpy <-> torch)."""
+        def opt(array: Array | None) -> Array | None:
+            return None if array is None else convert(array)
+
+        return HeadWeights(self.layer, self.num_heads, self.num_kv_heads, self.head_dim,
+                           convert(self.q), convert(self.k), convert(self.v), opt(self.q_bias),
+                           opt(self.k_bias), opt(self.v_bias), opt(self.o), opt(self.o_bias),
+                           {k: convert(v) for k, v in self.carried.items()})
 
 
-def _linear(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return tensor.t() if transposed and tensor.dim() == 2 else tensor
+def _linear(tensor: Array, transposed: bool) -> Array:
+    return tensor.T if transposed and len(tensor.shape) == 2 else tensor
 
 
-def unpack_rows(packed: torch.Tensor, packing: Packing, heads: int, kv_heads: int,
-                head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unpack_rows(packed: Array, packing: Packing, heads: int, kv_heads: int,
+                head_dim: int) -> tuple[Array, Array, Array]:
     """Split fused rows (dim 0) into q (H*d, ...), k (Hkv*d, ...), v (Hkv*d, ...)."""
     rest = packed.shape[1:]
     q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
@@ -84,7 +136,7 @@ def unpack_rows(packed: torch.Tensor, packing: Packing, heads: int, kv_heads: in
         raise HeadsError(f"{packed.shape[0]} fused rows do not hold H={heads}, Hkv={kv_heads}, "
                          f"d={head_dim}")
     if packing in (Packing.BLOCKED, Packing.SEPARATE):  # SEPARATE: torch MHA's packed bias
-        q, k, v = torch.split(packed, [q_rows, kv_rows, kv_rows], dim=0)
+        q, k, v = _Ops(packed).split_rows(packed, [q_rows, kv_rows, kv_rows])
         return q, k, v
     if packing is Packing.INTERLEAVED:
         per_head = packed.reshape(heads, 3, head_dim, *rest)  # (H, 3, d, ...)
@@ -97,17 +149,17 @@ def unpack_rows(packed: torch.Tensor, packing: Packing, heads: int, kv_heads: in
             grouped[:, group + 1].reshape(kv_rows, *rest))
 
 
-def pack_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, heads: int,
-              kv_heads: int, head_dim: int) -> torch.Tensor:
+def pack_rows(q: Array, k: Array, v: Array, packing: Packing, heads: int, kv_heads: int,
+              head_dim: int) -> Array:
     """Inverse of ``unpack_rows``."""
-    rest = q.shape[1:]
+    ops, rest = _Ops(q), q.shape[1:]
     if packing in (Packing.BLOCKED, Packing.SEPARATE):
-        return torch.cat([q, k, v], dim=0)
+        return ops.cat([q, k, v])
     if packing is Packing.INTERLEAVED:
         parts = [t.reshape(heads, head_dim, *rest) for t in (q, k, v)]  # each (H, d, ...)
-        return torch.stack(parts, dim=1).reshape(3 * heads * head_dim, *rest)  # (H*3*d, ...)
+        return ops.stack(parts, dim=1).reshape(3 * heads * head_dim, *rest)  # (H*3*d, ...)
     group = heads // kv_heads
-    grouped = torch.cat([
+    grouped = ops.cat([
         q.reshape(kv_heads, group, head_dim, *rest),  # (Hkv, g, d, ...)
         k.reshape(kv_heads, 1, head_dim, *rest),
         v.reshape(kv_heads, 1, head_dim, *rest),
@@ -123,7 +175,7 @@ def _geometry(layer: AttentionLayer, heads: HeadsInfo) -> tuple[int, int, int]:
 
 
 def split_heads(layer: AttentionLayer, heads: HeadsInfo,
-                tensors: Mapping[str, torch.Tensor]) -> HeadWeights:
+                tensors: Mapping[str, Array]) -> HeadWeights:
     """Split one layer's stored tensors (by source key) into per-head weights."""
     num_heads, kv_heads, d = _geometry(layer, heads)
     keys = layer.keys
@@ -134,13 +186,13 @@ def split_heads(layer: AttentionLayer, heads: HeadsInfo,
         wq, wk, wv = unpack_rows(fused, layer.packing, num_heads, kv_heads, d)
     if "qkv_bias" in keys:
         bq, bk, bv = unpack_rows(tensors[keys["qkv_bias"]], layer.packing, num_heads, kv_heads, d)
-        biases: list[torch.Tensor | None] = [bq, bk, bv]
+        biases: list[Array | None] = [bq, bk, bv]
     else:
         biases = [tensors[keys[r]] if r in keys else None for r in ("q_bias", "k_bias", "v_bias")]
     o = o_bias = None
     if "out" in keys and keys["out"] in tensors:  # absent when the caller skips the out projection
         wo = _linear(tensors[keys["out"]], layer.transposed)  # (E_out, H*d)
-        o = wo.reshape(wo.shape[0], num_heads, d).permute(1, 0, 2)  # (H, E_out, d)
+        o = _Ops(wo).permute(wo.reshape(wo.shape[0], num_heads, d), (1, 0, 2))  # (H, E_out, d)
         o_bias = tensors.get(keys["out_bias"]) if "out_bias" in keys else None
     return HeadWeights(
         layer=layer, num_heads=num_heads, num_kv_heads=kv_heads, head_dim=d,
@@ -155,14 +207,15 @@ def split_heads(layer: AttentionLayer, heads: HeadsInfo,
     )
 
 
-def merge_heads(hw: HeadWeights) -> dict[str, torch.Tensor]:
+def merge_heads(hw: HeadWeights) -> dict[str, Array]:
     """Rebuild the layer's stored tensors, under their source keys, bit for bit."""
     layer, keys = hw.layer, hw.layer.keys
     heads, kv_heads, d = hw.num_heads, hw.num_kv_heads, hw.head_dim
     wq = hw.q.reshape(heads * d, -1)  # (H*d, E)
     wk = hw.k.reshape(kv_heads * d, -1)  # (Hkv*d, kdim)
     wv = hw.v.reshape(kv_heads * d, -1)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Array] = {}
+    ops = _Ops(hw.q)
     if layer.packing is Packing.SEPARATE:
         out.update({keys["q"]: wq, keys["k"]: wk, keys["v"]: wv})
     else:
@@ -178,13 +231,13 @@ def merge_heads(hw: HeadWeights) -> dict[str, torch.Tensor]:
         if role in keys and bias is not None:
             out[keys[role]] = bias
     if "out" in keys and hw.o is not None:
-        wo = hw.o.permute(1, 0, 2).reshape(hw.o.shape[1], heads * d)  # (E_out, H*d)
+        wo = ops.permute(hw.o, (1, 0, 2)).reshape(hw.o.shape[1], heads * d)  # (E_out, H*d)
         out[keys["out"]] = _linear(wo, layer.transposed)
     if "out_bias" in keys and hw.o_bias is not None:
         out[keys["out_bias"]] = hw.o_bias
     for role, tensor in hw.carried.items():
         out[keys[role]] = tensor
-    return {name: tensor.contiguous() for name, tensor in out.items()}
+    return {name: ops.contiguous(tensor) for name, tensor in out.items()}
 
 
 def source_keys(layer: AttentionLayer, *, out_proj: bool = True) -> list[str]:

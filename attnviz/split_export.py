@@ -9,29 +9,38 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import secrets
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from attnviz import __version__
+from attnviz.arrays import dtype_of, placeholder, to_torch
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.checkpoint import load_checkpoint
 from attnviz.errors import AttnvizError, CheckpointError, HeadsError, UsageError
 from attnviz.heads import HeadsInfo
 from attnviz.inspection import LayerReport, inspect_checkpoint
 from attnviz.layouts.spec import AttentionLayer, Packing
-from attnviz.split import HeadWeights, merge_heads, source_keys, split_heads
+from attnviz.split import (
+    DEFAULT_TOLERANCE,
+    Array,
+    HeadWeights,
+    merge_heads,
+    source_keys,
+    split_heads,
+)
 from attnviz.tensor_writers import (
     NpzWriter,
     PlannedTensor,
-    dtype_name,
+    SafetensorsStreamWriter,
     format_for,
     open_writer,
 )
-from attnviz.verify import DEFAULT_TOLERANCE, VerifyResult, verify_split
 
 SPLIT_FORMAT = "attnviz-split"
 SPLIT_FORMAT_VERSION = "1"
@@ -51,7 +60,7 @@ class LayerDone:
     layout: str
     heads: HeadsInfo
     tensors: int
-    verify: VerifyResult | None
+    verify: Any  # attnviz.verify.VerifyResult when --verify
 
 
 @dataclass
@@ -66,10 +75,10 @@ class SplitResult:
 
 
 def head_tensors(hw: HeadWeights, *, stacked: bool = False,
-                 out_proj: bool = True) -> dict[str, torch.Tensor]:
+                 out_proj: bool = True) -> dict[str, Array]:
     """Export names: ``{layer}.heads.{h}.q.weight [d, E]`` ... or stacked ``{layer}.q.weight``."""
     prefix = f"{hw.layer.name}." if hw.layer.name else ""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Array] = {}
     roles = [("q", hw.q, hw.q_bias), ("k", hw.k, hw.k_bias), ("v", hw.v, hw.v_bias)]
     if stacked:
         for role, weight, bias in roles:
@@ -130,11 +139,8 @@ def layer_from_record(record: dict[str, Any]) -> tuple[AttentionLayer, HeadsInfo
 def _sha256(paths: Iterable[Path]) -> dict[str, str]:
     digests = {}
     for path in paths:
-        digest = hashlib.sha256()
         with path.open("rb") as handle:
-            while chunk := handle.read(8 << 20):
-                digest.update(chunk)
-        digests[path.name] = digest.hexdigest()
+            digests[path.name] = hashlib.file_digest(handle, "sha256").hexdigest()
     return digests
 
 
@@ -155,9 +161,6 @@ def _select(items: list[LayerReport], pattern: str | None) -> list[LayerReport]:
     return chosen
 
 
-def _meta(tensor_shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, torch.Tensor]:
-    return {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
-            for name, (shape, dtype) in tensor_shapes.items()}
 
 
 def split_checkpoint(
@@ -185,34 +188,38 @@ def split_checkpoint(
     check_output_path(output, [Path(checkpoint), *ckpt.files], force=force)
 
     plan: list[PlannedTensor] = []
-    for item in selected:  # names, shapes, dtypes from metadata alone (meta tensors, no bytes)
-        shapes = {k: (ckpt.tensors[k].shape, ckpt.tensors[k].dtype)
-                  for k in source_keys(item.layer, out_proj=out_proj)}
-        planned = head_tensors(split_heads(item.layer, item.heads, _meta(shapes)),
+    for item in selected:  # names, shapes, dtypes from metadata alone (zero-stride stand-ins)
+        stand_ins = {k: placeholder(ckpt.tensors[k].shape, ckpt.tensors[k].dtype)
+                     for k in source_keys(item.layer, out_proj=out_proj)}
+        planned = head_tensors(split_heads(item.layer, item.heads, stand_ins),
                                stacked=stacked, out_proj=out_proj)
-        plan += [PlannedTensor(n, tuple(t.shape), dtype_name(t)) for n, t in planned.items()]
+        plan += [PlannedTensor(n, tuple(a.shape), dtype_of(a)) for n, a in planned.items()]
+    # The source hash (a full read) runs beside the split; the header holds a same-length
+    # token per file that is overwritten with the digest once it is known.
+    tokens = {path.name: secrets.token_hex(32) for path in ckpt.files}
     metadata = {
         "format": SPLIT_FORMAT, "format_version": SPLIT_FORMAT_VERSION,
         "attnviz_version": __version__, "source_file": Path(checkpoint).name,
-        "source_sha256": json.dumps(_sha256(ckpt.files)),
+        "source_sha256": json.dumps(tokens),
         "layers": json.dumps([layer_record(i, stacked=stacked, out_proj=out_proj)
                               for i in selected]),
     }
     result = SplitResult(output=output, format=fmt)
-    failures: list[VerifyResult] = []
-    with atomic_output(output) as temp:
+    failures: list[Any] = []
+    with atomic_output(output) as temp, ThreadPoolExecutor(1) as pool:
+        hashing = pool.submit(_sha256, ckpt.files)
         writer = open_writer(fmt, temp, plan, metadata)
         try:
             for index, item in enumerate(selected):
                 wanted = source_keys(item.layer, out_proj=out_proj or verify)
-                source = {name: ckpt.read_tensor(name) for name in wanted}
+                source = {name: ckpt.read_array(name) for name in wanted}
                 hw = split_heads(item.layer, item.heads, source)
                 tensors = head_tensors(hw, stacked=stacked, out_proj=out_proj)
-                for name, tensor in tensors.items():
-                    writer.write(name, tensor)
-                    result.bytes_written += tensor.numel() * tensor.element_size()
+                for name, array in tensors.items():
+                    writer.write(name, array)
+                    result.bytes_written += array.nbytes
                 result.tensors_written += len(tensors)
-                checked = verify_split(hw, source) if verify else None
+                checked = _verify(hw, source) if verify else None
                 if checked is not None and not checked.ok(tolerance):
                     failures.append(checked)
                 done = LayerDone(index, len(selected), item.layer.display_name,
@@ -220,9 +227,14 @@ def split_checkpoint(
                 result.layers.append(done)
                 if on_layer is not None:
                     on_layer(done)
+            digests = hashing.result()
+            if isinstance(writer, SafetensorsStreamWriter):
+                for name, token in tokens.items():
+                    writer.patch_header(token, digests[name])
             writer.finish()
         finally:
             writer.close()
+        metadata["source_sha256"] = json.dumps(digests)
         if isinstance(writer, NpzWriter):
             result.upcast = writer.upcast
             metadata["upcast_to_float32"] = json.dumps(writer.upcast)
@@ -242,6 +254,13 @@ def split_checkpoint(
     return result
 
 
+def _verify(hw: HeadWeights, source: dict[str, Array]) -> Any:
+    """Run --verify on torch copies of exactly the arrays that were written."""
+    from attnviz.verify import verify_split
+
+    return verify_split(hw.map(to_torch), {k: to_torch(v) for k, v in source.items()})
+
+
 @dataclass
 class MergeResult:
     output: Path
@@ -249,8 +268,8 @@ class MergeResult:
     tensors: int
 
 
-def _read_split(path: Path) -> tuple[dict[str, str], Callable[[str], torch.Tensor], set[str]]:
-    """Metadata, a tensor reader and the tensor names of a split file in any format."""
+def _read_split(path: Path) -> tuple[dict[str, str], Callable[[str], Array], set[str]]:
+    """Metadata, an array reader and the tensor names of a split file in any format."""
     sidecar = path.with_name(path.name + ".json")
     if path.suffix == ".npz":
         import numpy as np
@@ -260,21 +279,21 @@ def _read_split(path: Path) -> tuple[dict[str, str], Callable[[str], torch.Tenso
                                   hint=f"expected {sidecar.name} beside it")
         archive = np.load(path, allow_pickle=False)
         metadata = json.loads(sidecar.read_text())
-        return metadata, lambda name: torch.from_numpy(archive[name]), set(archive.files)
-    ckpt = load_checkpoint(path)
+        return metadata, lambda name: archive[name], set(archive.files)
+    ckpt = load_checkpoint(path, strip_prefixes=False)  # names must match the metadata's
     metadata = dict(ckpt.metadata)
     if metadata.get("format") != SPLIT_FORMAT and sidecar.is_file():
         metadata = json.loads(sidecar.read_text())
-    return metadata, ckpt.read_tensor, set(ckpt.tensors)
+    return metadata, ckpt.read_array, set(ckpt.tensors)
 
 
 def _gather(layer: AttentionLayer, heads: HeadsInfo, record: dict[str, Any],
-            read: Callable[[str], torch.Tensor], names: set[str]) -> HeadWeights:
+            read: Callable[[str], Array], names: set[str]) -> HeadWeights:
     """Reassemble ``HeadWeights`` from a split file's per-head (or stacked) tensors."""
     prefix = f"{layer.name}." if layer.name else ""
     num_heads, kv_heads = int(heads.num_heads or 0), int(heads.num_kv_heads or 0)
 
-    def part(role: str, kind: str) -> torch.Tensor | None:
+    def part(role: str, kind: str) -> Array | None:
         if record["stacked"]:
             name = f"{prefix}{role}.{kind}"
             return read(name) if name in names else None
@@ -283,7 +302,7 @@ def _gather(layer: AttentionLayer, heads: HeadsInfo, record: dict[str, Any],
         found = [f"{prefix}{group}.{i}.{role}.{kind}" for i in range(count)]
         if not all(n in names for n in found):
             return None
-        return torch.stack([read(n) for n in found])  # (H|Hkv, d, in) or (H, d)
+        return np.stack([read(n) for n in found])  # (H|Hkv, d, in) or (H, d)
 
     q, k, v = part("q", "weight"), part("k", "weight"), part("v", "weight")
     if q is None or k is None or v is None:
@@ -311,15 +330,17 @@ def merge_split(split: str | Path, output: str | Path, *, force: bool = False) -
         records = json.loads(metadata["layers"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError("split metadata 'layers' is unreadable", path=split) from exc
-    merged: dict[str, torch.Tensor] = {}
+    merged: dict[str, Array] = {}
     for record in records:
         layer, heads = layer_from_record(record)
         merged.update(merge_heads(_gather(layer, heads, record, read, names)))
+    plan = [PlannedTensor(name, tuple(a.shape), dtype_of(a)) for name, a in merged.items()]
     with atomic_output(output) as temp:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(merged, str(temp), metadata={"source": split.name})
-        else:
-            torch.save(merged, temp)
+        writer = open_writer(fmt, temp, plan, {"source": split.name})
+        try:
+            for name, array in merged.items():
+                writer.write(name, array)
+            writer.finish()
+        finally:
+            writer.close()
     return MergeResult(output, len(records), len(merged))

@@ -1,9 +1,10 @@
-"""Writing tensors one at a time, so peak memory is one layer, not the whole output.
+"""Writing arrays one at a time, so peak memory is one layer, not the whole output.
 
 safetensors: the header is computed up front from the planned names, shapes and dtypes (known
-from metadata alone), then each tensor's bytes are appended in plan order. npz: one stored
-``.npy`` member per tensor. pt: ``torch.save`` needs the whole dict, so it holds the output in
-memory (documented; safetensors is the default).
+from metadata alone), then each array's bytes are appended in plan order. npz: one stored
+``.npy`` member per array. pt: ``torch.save`` needs the whole dict, so it holds the output in
+memory (documented; safetensors is the default). Arrays are numpy (see ``attnviz.arrays``);
+only the pt writer imports torch.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
-import torch
 
+from attnviz.arrays import dtype_of, to_torch
 from attnviz.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES
 from attnviz.errors import AttnvizError, UsageError
 
@@ -41,10 +42,6 @@ class PlannedTensor:
         return count * DTYPE_SIZES[self.dtype]
 
 
-def dtype_name(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
-
-
 def format_for(path: Path, requested: str | None) -> str:
     """The output format: ``--format`` if given (and not contradicting the suffix), else suffix."""
     by_suffix = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt",
@@ -60,9 +57,9 @@ def format_for(path: Path, requested: str | None) -> str:
 
 
 class TensorWriter(Protocol):
-    """``write`` each tensor, ``finish`` once all are written, ``close`` always (idempotent)."""
+    """``write`` each array, ``finish`` once all are written, ``close`` always (idempotent)."""
 
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write(self, name: str, array: np.ndarray[Any, Any]) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -86,20 +83,33 @@ class SafetensorsStreamWriter:
             offset += item.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the reference implementation aligns data to 8 bytes
+        self._header = raw
         self._handle: IO[bytes] = path.open("wb")
         self._handle.write(len(raw).to_bytes(8, "little"))
         self._handle.write(raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, array: np.ndarray[Any, Any]) -> None:
         if self._next >= len(self._plan):
             raise AttnvizError(f"internal error: tensor '{name}' was not planned")
         item = self._plan[self._next]
-        if (item.name, item.shape, item.dtype) != (name, tuple(tensor.shape), dtype_name(tensor)):
-            raise AttnvizError(f"internal error: wrote '{name}' {tuple(tensor.shape)} where "
+        if (item.name, item.shape, item.dtype) != (name, tuple(array.shape), dtype_of(array)):
+            raise AttnvizError(f"internal error: wrote '{name}' {tuple(array.shape)} where "
                                f"'{item.name}' {item.shape} was planned")
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
-        self._handle.write(data.numpy().data)
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # (nbytes,)
+        self._handle.write(data.data)
         self._next += 1
+
+    def patch_header(self, token: str, value: str) -> None:
+        """Overwrite a same-length placeholder in the header (a digest known only later)."""
+        old, new = token.encode(), value.encode()
+        position = self._header.find(old)
+        if len(old) != len(new) or position < 0:
+            raise AttnvizError("internal error: header placeholder not found")
+        self._header = self._header.replace(old, new, 1)
+        here = self._handle.tell()
+        self._handle.seek(8 + position)
+        self._handle.write(new)
+        self._handle.seek(here)
 
     def finish(self) -> None:
         if self._next != len(self._plan):
@@ -118,11 +128,11 @@ class NpzWriter:
         self._zip = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.upcast: list[str] = []
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if dtype_name(tensor) not in NUMPY_LOSSLESS:
+    def write(self, name: str, array: np.ndarray[Any, Any]) -> None:
+        if dtype_of(array) not in NUMPY_LOSSLESS:
             self.upcast.append(name)  # numpy has no bfloat16 / float8
-            tensor = tensor.float()
-        array = tensor.detach().contiguous().numpy()
+            array = to_torch(array).float().numpy()
+        array = np.ascontiguousarray(array)
         with self._zip.open(f"{name}.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array(member, array, allow_pickle=False)
 
@@ -138,12 +148,14 @@ class PtWriter:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensors: dict[str, Any] = {}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._tensors[name] = tensor.detach().contiguous().clone()
+    def write(self, name: str, array: np.ndarray[Any, Any]) -> None:
+        self._tensors[name] = to_torch(np.array(array))  # own copy: the source buffer is reused
 
     def finish(self) -> None:
+        import torch
+
         torch.save(self._tensors, self._path)
 
     def close(self) -> None:

@@ -19,10 +19,9 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from attnviz.layouts.spec import AttentionLayer, Packing
-from attnviz.split import HeadWeights
+from attnviz.split import DEFAULT_TOLERANCE, HeadWeights
 
 MHA_LAYOUTS = frozenset({"torch_mha", "torch_mha_kvdim"})
-DEFAULT_TOLERANCE = 1e-6  # float64 agreement; real splitting errors are O(1)
 
 
 @dataclass(frozen=True)

@@ -198,9 +198,8 @@ def test_verify_failure_exits_1_and_writes_nothing(tmp_path: Path,
 
     def wrong_split(*args: object, **kwargs: object) -> object:
         hw = real(*args, **kwargs)  # type: ignore[arg-type]
-        q = hw.q.clone()
-        q[[0, 1]] = q[[1, 0]]
-        return type(hw)(**{**hw.__dict__, "q": q})
+        swapped = hw.q[[1, 0, *range(2, hw.q.shape[0])]]  # numpy or torch: heads 0, 1 exchanged
+        return type(hw)(**{**hw.__dict__, "q": swapped})
 
     monkeypatch.setattr(split_export, "split_heads", wrong_split)
     out = tmp_path / "heads.safetensors"
@@ -349,3 +348,48 @@ def test_merge_rejects_a_file_that_is_not_a_split(tmp_path: Path) -> None:
     assert code == 2 and "not an attnviz split file" in err
     with pytest.raises(UsageError, match=r"not \.npz"):
         merge_split(SAMPLES / "detr_tiny.pth", tmp_path / "m.npz")
+
+
+def test_bfloat16_split_and_merge_are_bit_exact_without_torch_arithmetic(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd, _ = build("hf_q_proj", 4, 2, 8, 0, 0, True)
+    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    source = tmp_path / "bf16.safetensors"
+    save_file(sd, str(source))
+    out = tmp_path / "heads.safetensors"
+    split_checkpoint(source, out, heads=["4"], verify=True)
+    split = load_file(str(out))
+    prefix = "model.layers.0.self_attn"
+    assert split[f"{prefix}.heads.1.q.weight"].dtype == torch.bfloat16
+    assert torch.equal(split[f"{prefix}.heads.1.q.weight"],
+                       sd[f"{prefix}.q_proj.weight"][8:16])
+    assert torch.equal(split[f"{prefix}.kv_heads.1.v.bias"], sd[f"{prefix}.v_proj.bias"][8:16])
+    merged = tmp_path / "merged.safetensors"
+    merge_split(out, merged)
+    for key, tensor in load_file(str(merged)).items():
+        assert torch.equal(tensor, sd[key]), key
+    npz = tmp_path / "heads.npz"
+    result = split_checkpoint(source, npz, heads=["4"])
+    assert len(result.upcast) == result.tensors_written  # numpy has no bfloat16
+    assert "upcast_to_float32" in json.loads((tmp_path / "heads.npz.json").read_text())
+
+
+def test_split_without_verify_does_not_import_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['attnviz'] + sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_module('attnviz', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print('TORCH', 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = tmp_path / "h.safetensors"
+    done = subprocess.run([sys.executable, "-c", probe, "split-qkv", str(SAMPLES / "detr_tiny.pth"),
+                           "-o", str(out)], capture_output=True, text=True, check=False)
+    assert "TORCH False" in done.stderr, done.stderr[-2000:]
+    assert len(load_file(str(out))) == 174
