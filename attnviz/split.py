@@ -2,8 +2,9 @@
 
 Pure functions over torch tensors or numpy arrays; everything is brought to PyTorch Linear
 orientation (out, in): Conv1D sources are transposed, interleaved and grouped packings
-de-interleaved. The split is logical: it is a reshape of the same numbers, so the parameter count never depends on
-the head count, and ``merge_heads(split_heads(...))`` rebuilds the stored tensors bit for bit.
+de-interleaved. The split is logical: it is a reshape of the same numbers, so the parameter
+count never depends on the head count, and ``merge_heads(split_heads(...))`` rebuilds the
+stored tensors bit for bit.
 
 Example (a notebook)::
 
