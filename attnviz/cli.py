@@ -138,13 +138,17 @@ def split_qkv(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
     """Export each attention layer's Wq/Wk/Wv/Wo per head, in Linear (out, in) orientation."""
+    if config is not None and not config.is_file():
+        raise UsageError(f"--config {config}: no such file")
+    from attnviz.source_hash import BackgroundHash
+
+    # the source sha256 is a full read: start it before the heavier imports below
+    hashing = BackgroundHash([checkpoint] if checkpoint.is_file() else [])
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from attnviz.split_export import LayerDone, split_checkpoint
 
-    if config is not None and not config.is_file():
-        raise UsageError(f"--config {config}: no such file")
     console = Console(highlight=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn(
         "{task.completed}/{task.total} layers"), TimeRemainingColumn(), transient=True,
@@ -163,7 +167,8 @@ def split_qkv(
     with progress:
         result = split_checkpoint(checkpoint, output, heads=heads or (), config=config, key=key,
                                   layers=layers, fmt=fmt, stacked=stacked, out_proj=out_proj,
-                                  verify=verify, force=force, on_layer=on_layer)
+                                  verify=verify, force=force, on_layer=on_layer,
+                                  hashing=hashing)
     console.print(_split_table(result))
     console.print(f"wrote {result.output} ({result.format}, {result.tensors_written} tensors, "
                   f"{_size(result.bytes_written)})"

@@ -7,11 +7,9 @@ is about one layer. The output's metadata traces every tensor back to its source
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from attnviz.errors import AttnvizError, CheckpointError, HeadsError, UsageError
 from attnviz.heads import HeadsInfo
 from attnviz.inspection import LayerReport, inspect_checkpoint
 from attnviz.layouts.spec import AttentionLayer, Packing
+from attnviz.source_hash import BackgroundHash
 from attnviz.split import (
     DEFAULT_TOLERANCE,
     Array,
@@ -136,14 +135,6 @@ def layer_from_record(record: dict[str, Any]) -> tuple[AttentionLayer, HeadsInfo
     return layer, heads
 
 
-def _sha256(paths: Iterable[Path]) -> dict[str, str]:
-    digests = {}
-    for path in paths:
-        with path.open("rb") as handle:
-            digests[path.name] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return digests
-
-
 def _select(items: list[LayerReport], pattern: str | None) -> list[LayerReport]:
     chosen = [i for i in items if pattern is None or fnmatch.fnmatchcase(i.layer.display_name,
                                                                          pattern)]
@@ -178,14 +169,35 @@ def split_checkpoint(
     force: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     on_layer: Callable[[LayerDone], None] | None = None,
+    hashing: BackgroundHash | None = None,
 ) -> SplitResult:
-    """Write every selected layer's per-head weights to ``output``; see module docstring."""
+    """Write every selected layer's per-head weights to ``output``; see module docstring.
+
+    ``hashing``: a source hash already started (the CLI starts it before heavy imports).
+    """
     output = Path(output)
     fmt = format_for(output, fmt)
+    source = Path(checkpoint)
+    if hashing is None:
+        hashing = BackgroundHash([source] if source.is_file() else [])  # starts reading now
+    try:
+        return _split(source, output, hashing, heads=heads, config=config, key=key,
+                      layers=layers, fmt=fmt, stacked=stacked, out_proj=out_proj,
+                      verify=verify, force=force, tolerance=tolerance, on_layer=on_layer)
+    finally:
+        hashing.cancel()
+
+
+def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: Iterable[str],
+           config: str | Path | None, key: str | None, layers: str | None, fmt: str,
+           stacked: bool, out_proj: bool, verify: bool, force: bool, tolerance: float,
+           on_layer: Callable[[LayerDone], None] | None) -> SplitResult:
     report = inspect_checkpoint(checkpoint, heads=heads, config=config, key=key)
     ckpt = report.checkpoint
     selected = _select(report.layers, layers)
-    check_output_path(output, [Path(checkpoint), *ckpt.files], force=force)
+    check_output_path(output, [checkpoint, *ckpt.files], force=force)
+    if hashing.paths != ckpt.files:  # a directory or sharded checkpoint: hash its weight files
+        hashing.restart(ckpt.files)
 
     plan: list[PlannedTensor] = []
     for item in selected:  # names, shapes, dtypes from metadata alone (zero-stride stand-ins)
@@ -206,8 +218,7 @@ def split_checkpoint(
     }
     result = SplitResult(output=output, format=fmt)
     failures: list[Any] = []
-    with atomic_output(output) as temp, ThreadPoolExecutor(1) as pool:
-        hashing = pool.submit(_sha256, ckpt.files)
+    with atomic_output(output) as temp:
         writer = open_writer(fmt, temp, plan, metadata)
         try:
             for index, item in enumerate(selected):
