@@ -31,6 +31,13 @@ class AttnvizError(Exception):
         return " ".join(text.split())  # always one line
 
 
+def with_path(error: AttnvizError, path: str | Path, hint: str | None = None) -> AttnvizError:
+    """The same error naming ``path`` (errors raised deep inside a reader do not know it)."""
+    if error.path is not None:
+        return error
+    return type(error)(error.message, path=path, hint=error.hint or hint)
+
+
 class UsageError(AttnvizError):
     """Bad flags or flag combinations."""
 

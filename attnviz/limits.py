@@ -21,7 +21,8 @@ def _env_int(name: str, default: int) -> int:
 @dataclass(frozen=True)
 class Limits:
     max_header_bytes: int = _env_int("ATTNVIZ_MAX_HEADER_BYTES", 100_000_000)
-    max_pickle_bytes: int = _env_int("ATTNVIZ_MAX_PICKLE_BYTES", 1 << 30)
+    max_pickle_bytes: int = _env_int("ATTNVIZ_MAX_PICKLE_BYTES", 256 << 20)
+    max_pickle_ops: int = _env_int("ATTNVIZ_MAX_PICKLE_OPS", 20_000_000)
     max_tensors: int = _env_int("ATTNVIZ_MAX_TENSORS", 1_000_000)
     max_tensor_bytes: int = _env_int("ATTNVIZ_MAX_TENSOR_BYTES", 1 << 40)
     max_walk_nodes: int = _env_int("ATTNVIZ_MAX_WALK_NODES", 5_000_000)

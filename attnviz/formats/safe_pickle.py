@@ -14,13 +14,15 @@ import _compat_pickle
 import collections
 import io
 import pickle
+import pickletools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
 from attnviz.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES, TORCH_STORAGE_DTYPES
-from attnviz.errors import CorruptCheckpointError
+from attnviz.errors import CorruptCheckpointError, LimitExceededError
+from attnviz.limits import LIMITS
 
 # Modules whose every global names code (process, file system, import machinery, eval).
 CODE_MODULES = frozenset(
@@ -244,6 +246,14 @@ def make_tensor_ref(storage: Any, offset: Any, size: Any, stride: Any) -> Tensor
         raise CorruptCheckpointError(f"tensor shape {shape} and stride {strides} differ in rank")
     if any(s < 0 for s in shape) or any(s < 0 for s in strides):
         raise CorruptCheckpointError(f"tensor has a negative size or stride: {shape} / {strides}")
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel * DTYPE_SIZES[storage.dtype] > LIMITS.max_tensor_bytes:
+        raise LimitExceededError(
+            f"tensor view {shape} declares {numel * DTYPE_SIZES[storage.dtype]} bytes, over the "
+            f"cap of {LIMITS.max_tensor_bytes}",
+            hint="raise ATTNVIZ_MAX_TENSOR_BYTES if it is real")
     if all(s > 0 for s in shape):
         last = offset + sum((n - 1) * st for n, st in zip(shape, strides, strict=True))
         if last >= storage.numel:
@@ -367,15 +377,36 @@ def storage_from_pid(pid: Any) -> tuple[str, str, int, str]:
     return dtype, key, numel, str(location)
 
 
+def count_ops(stream: IO[bytes]) -> int:
+    """Walk the opcodes up to STOP without building anything; refuse past the op cap.
+
+    Every object the unpickler builds costs at least one opcode, so this bounds the work and
+    memory of the real load; it also rejects unknown opcodes and truncated streams early.
+    """
+    count = 0
+    try:
+        for _ in pickletools.genops(stream):
+            count += 1
+            if count > LIMITS.max_pickle_ops:
+                raise LimitExceededError(f"pickle has over {LIMITS.max_pickle_ops} operations",
+                                         hint="raise ATTNVIZ_MAX_PICKLE_OPS if the file is real")
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError, OverflowError) as exc:
+        raise CorruptCheckpointError(f"pickle stream is damaged: {exc}") from exc
+    return count
+
+
 def restricted_load(
     data: bytes | IO[bytes], persistent_load: Callable[[Any], Any]
 ) -> tuple[Any, list[type[ForeignObject]]]:
     """Unpickle ``data`` safely; return the object and the foreign globals it named."""
     stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    start = stream.tell()
+    count_ops(stream)
+    stream.seek(start)
     unpickler = RestrictedUnpickler(stream, persistent_load)
     try:
         obj = unpickler.load()
-    except CorruptCheckpointError:
+    except (CorruptCheckpointError, LimitExceededError):
         raise
     except RecursionError as exc:
         raise CorruptCheckpointError("pickle nests too deeply") from exc

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from attnviz.dtypes import DTYPE_SIZES
-from attnviz.errors import CorruptCheckpointError, LimitExceededError
+from attnviz.errors import CheckpointError, CorruptCheckpointError, LimitExceededError, with_path
 from attnviz.formats.base import LoadedFile, StorageSpan
 from attnviz.formats.safe_pickle import StorageRef, restricted_load, storage_from_pid
 from attnviz.limits import LIMITS
@@ -65,8 +65,8 @@ def read_torch_legacy(path: Path) -> LoadedFile:
 
         try:
             root, foreign = restricted_load(handle, persistent_load)
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(exc.message, path=path, hint=HINT) from exc
+        except CheckpointError as exc:
+            raise with_path(exc, path, HINT) from exc.__cause__
         keys = _plain_pickle(handle, path, "storage key list")
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise CorruptCheckpointError("storage key list is not a list of strings", path=path)

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
 from attnviz.dtypes import DTYPE_SIZES
-from attnviz.errors import CorruptCheckpointError, LimitExceededError, UnsupportedCheckpointError
+from attnviz.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    LimitExceededError,
+    UnsupportedCheckpointError,
+    with_path,
+)
 from attnviz.formats.base import LoadedFile, StorageSpan
 from attnviz.formats.safe_pickle import StorageRef, restricted_load, storage_from_pid
 from attnviz.limits import LIMITS
@@ -66,7 +73,8 @@ def _read_small(archive: zipfile.ZipFile, name: str, path: Path, limit: int) -> 
     try:
         with archive.open(info) as stream:
             data = stream.read(limit + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
+            ValueError, struct.error, zlib.error) as exc:  # ValueError: bad names (Unicode)
         raise CorruptCheckpointError(f"record '{name}' cannot be read ({exc})", path=path,
                                      hint=HINT) from exc
     if len(data) > limit:
@@ -120,10 +128,8 @@ def read_torch_zip(path: Path) -> LoadedFile:
 
         try:
             root, foreign = restricted_load(pickle_bytes, persistent_load)
-        except CorruptCheckpointError as exc:
-            if exc.path is None:
-                exc = CorruptCheckpointError(exc.message, path=path, hint=HINT)
-            raise exc from exc.__cause__
+        except CheckpointError as exc:
+            raise with_path(exc, path, HINT) from exc.__cause__
 
     spans: dict[str, StorageSpan] = {}
     with path.open("rb") as handle:
