@@ -156,12 +156,26 @@ def _direct_tensors(node: Any) -> dict[str, TensorRef]:
     return out
 
 
+def _is_tensor_tree(node: Any, memo: dict[int, bool], depth: int = 0) -> bool:
+    """A mapping whose values are all tensors or (recursively) such mappings, with at least one
+    tensor: a nested state_dict like ``{'encoder': {'w': ...}, 'decoder': {...}}``."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = False  # cycles are not trees
+    result = isinstance(node, Mapping) and bool(node) and depth < 8 and all(
+        isinstance(v, TensorRef) or _is_tensor_tree(v, memo, depth + 1) for v in node.values())
+    memo[id(node)] = result
+    return result
+
+
 def _candidates(root: Any) -> list[tuple[str, dict[str, TensorRef]]]:
-    """Every mapping with tensor values, and every pickled module, in breadth-first order."""
+    """Every mapping with tensor values (or nested state_dict), and every pickled module."""
     found: list[tuple[str, dict[str, TensorRef]]] = []
+    memo: dict[int, bool] = {}
     for path, node in walk(root):
-        if _is_module(node) or (isinstance(node, Mapping) and any(
-                isinstance(v, TensorRef) for v in node.values())):
+        if _is_module(node) or (isinstance(node, Mapping) and (any(
+                isinstance(v, TensorRef) for v in node.values())
+                or _is_tensor_tree(node, memo))):
             tensors = _direct_tensors(node)
             if tensors:
                 found.append((path, tensors))

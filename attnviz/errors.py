@@ -50,6 +50,10 @@ class CheckpointError(AttnvizError):
     exit_code = EXIT_BAD_INPUT
 
 
+class NoAttentionError(CheckpointError):
+    """A command that needs attention layers got a file without any."""
+
+
 class UnknownFormatError(CheckpointError):
     """Magic bytes match no supported container."""
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from attnviz.errors import AttnvizError, HeadsError
+from attnviz.errors import CheckpointError, HeadsError, UsageError
 from attnviz.heads import HeadsInfo
 from attnviz.layouts.spec import AttentionLayer, Packing
 
@@ -225,7 +225,8 @@ def merge_heads(hw: HeadWeights) -> dict[str, Array]:
     flat = [None if b is None else b.reshape(-1) for b in (hw.q_bias, hw.k_bias, hw.v_bias)]
     if "qkv_bias" in keys:
         if any(b is None for b in flat):
-            raise AttnvizError(f"layer '{layer.display_name}': packed bias needs q, k and v biases")
+            raise CheckpointError(f"layer '{layer.display_name}': the packed bias needs q, k "
+                                  "and v biases")
         bq, bk, bv = (b for b in flat if b is not None)
         out[keys["qkv_bias"]] = pack_rows(bq, bk, bv, layer.packing, heads, kv_heads, d)
     for role, bias in zip(("q_bias", "k_bias", "v_bias"), flat, strict=True):
@@ -259,5 +260,5 @@ def split_layer(checkpoint: Checkpoint, name: str, heads: int | None = None) -> 
             values = {key: checkpoint.read_tensor(key) for key in source_keys(item.layer)}
             return split_heads(item.layer, item.heads, values)
     names = ", ".join(r.layer.display_name for r in report.layers[:8])
-    raise AttnvizError(f"no attention layer named '{name}'", path=checkpoint.path,
-                       hint=f"layers: {names}")
+    raise UsageError(f"no attention layer named '{name}'", path=checkpoint.path,
+                     hint=f"layers: {names}")

@@ -20,7 +20,13 @@ from attnviz import __version__
 from attnviz.arrays import dtype_of, placeholder, to_torch
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.checkpoint import load_checkpoint
-from attnviz.errors import AttnvizError, CheckpointError, HeadsError, UsageError
+from attnviz.errors import (
+    AttnvizError,
+    CheckpointError,
+    HeadsError,
+    NoAttentionError,
+    UsageError,
+)
 from attnviz.heads import HeadsInfo
 from attnviz.inspection import LayerReport, inspect_checkpoint
 from attnviz.layouts.spec import AttentionLayer, Packing
@@ -135,12 +141,12 @@ def layer_from_record(record: dict[str, Any]) -> tuple[AttentionLayer, HeadsInfo
     return layer, heads
 
 
-def _select(items: list[LayerReport], pattern: str | None) -> list[LayerReport]:
+def _select(items: list[LayerReport], pattern: str | None, path: Path) -> list[LayerReport]:
     chosen = [i for i in items if pattern is None or fnmatch.fnmatchcase(i.layer.display_name,
                                                                          pattern)]
     if not items:
-        raise AttnvizError("no attention layers recognised, nothing to split",
-                           hint="run 'attnviz inspect' to see what the file holds")
+        raise NoAttentionError("no attention layers recognised, nothing to split", path=path,
+                               hint="run 'attnviz inspect' to see what the file holds")
     if not chosen:
         names = ", ".join(i.layer.display_name for i in items[:6])
         raise UsageError(f"--layers '{pattern}' matches no attention layer",
@@ -148,7 +154,8 @@ def _select(items: list[LayerReport], pattern: str | None) -> list[LayerReport]:
     unknown = [i.layer.display_name for i in chosen if i.heads.num_heads is None]
     if unknown:
         raise HeadsError(f"number of heads unknown for {len(unknown)} layer(s), e.g. "
-                         f"'{unknown[0]}'", hint="pass --heads N (or --heads 'pattern=N')")
+                         f"'{unknown[0]}'", path=path,
+                         hint="pass --heads N (or --heads 'pattern=N')")
     return chosen
 
 
@@ -194,7 +201,7 @@ def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: It
            on_layer: Callable[[LayerDone], None] | None) -> SplitResult:
     report = inspect_checkpoint(checkpoint, heads=heads, config=config, key=key)
     ckpt = report.checkpoint
-    selected = _select(report.layers, layers)
+    selected = _select(report.layers, layers, checkpoint)
     check_output_path(output, [checkpoint, *ckpt.files], force=force)
     if hashing.paths != ckpt.files:  # a directory or sharded checkpoint: hash its weight files
         hashing.restart(ckpt.files)

@@ -337,8 +337,8 @@ def test_wrapper_with_model_optimizer_and_epoch_picks_model(tmp_path: Path) -> N
     assert ckpt.container_key == "model"
     assert ckpt.stripped_prefix is None
     assert not any(p == "model" for p in ckpt.other_containers)
-    # optimizer state (one mapping per parameter) is not advertised, but --key reaches it
-    assert not any(p.startswith("optimizer") for p in ckpt.other_containers)
+    # optimizer state is advertised once (not one entry per parameter); --key reaches any part
+    assert [p for p in ckpt.other_containers if p.startswith("optimizer")] == ["optimizer.state"]
     assert load_checkpoint(path, key="optimizer.state.0").container_key == "optimizer.state.0"
     _assert_same_tensors(ckpt, dict(state))
 

@@ -30,9 +30,10 @@ def detect_format(path: Path) -> str:
         raise UnknownFormatError("the file is empty", path=path, hint="download or save it again")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return TORCH_ZIP
-    if len(head) >= 9 and head[8:9] == b"{":
+    looks_json = head.lstrip()[:1] in (b"{", b"[") and b"\x00" not in head[:8]
+    if len(head) >= 9 and head[8:9] in (b"{", b"[") and not looks_json:
         (header_len,) = struct.unpack("<Q", head[:8])
-        if 8 + header_len <= size:
+        if header_len < 1 << 32:  # plausible: the reader explains a cut-off or oversized header
             return SAFETENSORS
     if head.startswith(b"\x80") and len(head) >= 2 and 2 <= head[1] <= 5:
         return TORCH_LEGACY

@@ -83,7 +83,10 @@ def read_torch_legacy(path: Path) -> LoadedFile:
                 raise CorruptCheckpointError(f"storage '{key}' is listed but never used",
                                              path=path, hint=HINT)
             length = count * DTYPE_SIZES[ref.dtype]
-            if count < 0 or length > LIMITS.max_tensor_bytes:
+            if count < 0:
+                raise CorruptCheckpointError(f"storage '{key}' declares {count} elements",
+                                             path=path, hint=HINT)
+            if length > LIMITS.max_tensor_bytes:
                 raise LimitExceededError(f"storage '{key}' declares {count} elements", path=path)
             if count < ref.numel or offset + 8 + length > file_size:
                 raise CorruptCheckpointError(f"storage '{key}' is shorter than declared",
