@@ -33,7 +33,8 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
         raise CorruptCheckpointError(f"broken zip container ({exc})", path=path, hint=HINT) from exc
-    except (zipfile.LargeZipFile, ValueError, OSError, struct.error) as exc:
+    except (zipfile.LargeZipFile, ValueError, OSError, struct.error, NotImplementedError,
+            EOFError, OverflowError, KeyError, IndexError) as exc:
         raise CorruptCheckpointError(f"unreadable zip container ({exc})", path=path,
                                      hint=HINT) from exc
 
