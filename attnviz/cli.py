@@ -245,12 +245,36 @@ def heatmap(
                                          " or the encoder of an encoder-only model).")] = False,
     pad: Annotated[int, typer.Option("--pad", help="Treat the last N source positions as "
                                      "padding.")] = 0,
-    layer: Annotated[str, typer.Option("--layer", help="Layers: index, range 0-3, list, all, "
-                                       "mean.")] = "all",
-    head: Annotated[str, typer.Option("--head", help="Heads: index, range, list, all, mean.")]
-    = "all",
+    image: Annotated[Path | None, typer.Option(
+        "--image", help="An image for a ViT (timm layout) or DETR (official layout) checkpoint."
+    )] = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="Image size: N (ViT side / DETR shorter side) or HxW.")] = None,
+    normalize: Annotated[bool, typer.Option(
+        "--normalize/--no-normalize", help="ImageNet mean/std normalisation.")] = True,
+    top_k: Annotated[int, typer.Option("--top-k", help="DETR: objects to show.")] = 3,
+    threshold: Annotated[float, typer.Option("--threshold", help="DETR: minimum class score."
+                                             )] = 0.7,
+    query: Annotated[list[int] | None, typer.Option(
+        "--query", help="DETR: query indices to show (repeatable), instead of --top-k.")] = None,
+    point: Annotated[list[str] | None, typer.Option(
+        "--point", help="DETR: encoder self-attention at image pixel x,y (repeatable).")] = None,
+    head_fusion: Annotated[str, typer.Option(
+        "--head-fusion", help="Rollout: mean, max or min over heads.")] = "mean",
+    discard_ratio: Annotated[float, typer.Option(
+        "--discard-ratio", help="Rollout: zero this fraction of the lowest attentions.")] = 0.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Overlay opacity.")] = 0.55,
+    smooth: Annotated[bool, typer.Option("--smooth", help="Bilinear instead of per-patch "
+                                         "upsampling.")] = False,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="Layers: index, range 0-3, list, all, mean (default: all; images: the "
+        "last).")] = None,
+    head: Annotated[str | None, typer.Option(
+        "--head", help="Heads: index, range, list, all, mean (default: all; DETR: mean).")]
+    = None,
     view: Annotated[str, typer.Option("--view", help="auto, matrix (one map with token "
-                                      "labels) or grid (layer x head).")] = "auto",
+                                      "labels), grid (layer x head); images: overlay or "
+                                      "rollout.")] = "auto",
     scale: Annotated[str, typer.Option("--scale", help="Colour scale: shared or panel.")]
     = "shared",
     batch_index: Annotated[int, typer.Option("--batch-index", help="Batch item to draw.")] = 0,
@@ -264,12 +288,20 @@ def heatmap(
                                             "activation: relu or gelu.")] = "relu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ) -> None:
-    """Per-head attention maps of a forward pass, drawn as heatmaps."""
+    """Per-head attention maps of a forward pass, drawn as heatmaps (sequences or images)."""
     given = [name for name, value in (("--text", text), ("--tokens", tokens),
-                                      ("--input", input_file), ("--seq-len", seq_len))
-             if value is not None]
+                                      ("--input", input_file), ("--seq-len", seq_len),
+                                      ("--image", image)) if value is not None]
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} both give the input; pass one")
+    if image is not None:
+        _image_heatmap(checkpoint, output, image, heads=heads, config=config, key=key,
+                       save_maps=save_maps, force=force, size=size, normalize=normalize,
+                       layer=layer, head=head, view=view, top_k=top_k, threshold=threshold,
+                       query=query, point=point, head_fusion=head_fusion,
+                       discard_ratio=discard_ratio, alpha=alpha, smooth=smooth, title=title,
+                       model=model)
+        return
     if activation not in {"relu", "gelu"}:
         raise UsageError(f"--activation {activation}: use relu or gelu")
     if model is None and not strict:
@@ -284,7 +316,7 @@ def heatmap(
     request = SequenceRequest(text=text, tokens=tokens, input_file=input_file, seq_len=seq_len,
                               seed=seed, tgt_input=tgt_input, tgt_seq_len=tgt_seq_len,
                               causal=causal, pad=pad)
-    options = HeatmapOptions(layer=layer, head=head, view=view, scale=scale,
+    options = HeatmapOptions(layer=layer or "all", head=head or "all", view=view, scale=scale,
                              batch_index=batch_index, title=title)
     result = sequence_heatmap(checkpoint, output, request, options=options, factory=model,
                               strict=strict, heads=heads or (), config=config, key=key,
@@ -296,6 +328,40 @@ def heatmap(
     typer.echo(f"wrote {result.output} ({result.view}: {len(result.layers)} layer row(s) x "
                f"{len(result.heads)} head column(s))"
                + (f" and {result.maps_file}" if result.maps_file else ""))
+
+
+def _point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise UsageError(f"--point '{text}': use x,y in image pixels, e.g. 320,240") from exc
+    return x, y
+
+
+def _image_heatmap(checkpoint: Path, output: Path, image: Path, *, heads: list[str] | None,
+                   config: Path | None, key: str | None, save_maps: Path | None, force: bool,
+                   size: str | None, normalize: bool, layer: str | None, head: str | None,
+                   view: str, top_k: int, threshold: float, query: list[int] | None,
+                   point: list[str] | None, head_fusion: str, discard_ratio: float,
+                   alpha: float, smooth: bool, title: str | None, model: str | None) -> None:
+    if model is not None:
+        raise UsageError("--image rebuilds ViT/DETR from the checkpoint; drop --model")
+    if query and point:
+        raise UsageError("--query shows decoder attention, --point encoder attention: pick one")
+    if top_k < 1 or not 0.0 <= alpha <= 1.0:
+        raise UsageError("--top-k must be >= 1 and --alpha in [0, 1]")
+    from attnviz.image_heatmap import ImageOptions, image_heatmap
+
+    options = ImageOptions(image=image, size=size, normalize=normalize, layer=layer, head=head,
+                           view=view, top_k=top_k, threshold=threshold,
+                           queries=tuple(query or ()), points=tuple(_point(p) for p in point or ()),
+                           head_fusion=head_fusion, discard_ratio=discard_ratio, alpha=alpha,
+                           smooth=smooth, title=title)
+    result = image_heatmap(checkpoint, output, options, heads=tuple(heads or ()), config=config,
+                           key=key, save_maps=save_maps, force=force)
+    typer.echo(f"model: {result.model}")
+    typer.echo(f"wrote {result.output} ({len(result.layers)} row(s) x {len(result.heads)} "
+               "panel(s))" + (f" and {result.maps_file}" if result.maps_file else ""))
 
 
 def _size(num_bytes: int) -> str:

@@ -103,6 +103,10 @@ class Settings:
                 return value, key
         return None
 
+    def value(self, key: str) -> Any:
+        """A raw setting (``pre_norm``, ``dilation``...), or None."""
+        return _get(self.node, key)
+
     def heads_for(self, layer_name: str) -> tuple[int, str] | None:
         for scope, key in HEAD_KEYS:
             if scope and not re.search(scope, layer_name):

@@ -68,49 +68,134 @@ def render_matrix(matrix: Matrix, query_labels: Sequence[str], key_labels: Seque
 
 def compose_grid(panels: Sequence[Sequence[Matrix]], *, shared_scale: bool,
                  cmap: str = "viridis", gap: int = 2) -> tuple[Matrix, float]:
-    """All panels as one RGB image (rows x cols of (Lq, Lk) maps with white gaps)."""
+    """All panels as one uint8 RGB image (rows x cols of (Lq, Lk) maps, white gaps), colour
+    mapped through one 256-entry table."""
     rows, cols = len(panels), len(panels[0])
     height, width = panels[0][0].shape
-    finite = [p[np.isfinite(p)] for row in panels for p in row]
-    vmax = max((float(f.max()) for f in finite if f.size), default=1.0) or 1.0
-    canvas = np.empty((rows * (height + gap) - gap, cols * (width + gap) - gap, 3), np.float32)
-    canvas[:] = GAP_RGB
-    palette = colormaps[cmap]
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            if panel.shape != (height, width):
-                raise ValueError("grid panels must share one shape")
-            local = np.nan_to_num(panel, nan=0.0)
-            top = vmax if shared_scale else (float(local.max()) or 1.0)
-            rgb = palette(np.clip(local / top, 0.0, 1.0))[..., :3]  # (Lq, Lk, 3)
-            rgb[_masked(panel)] = MASKED_RGB
-            y, x = r * (height + gap), c * (width + gap)
-            canvas[y:y + height, x:x + width] = rgb
-    return canvas, vmax
+    if any(p.shape != (height, width) for row in panels for p in row):
+        raise ValueError("grid panels must share one shape")
+    stack = np.asarray([list(row) for row in panels], dtype=np.float32)  # (R, C, Lq, Lk)
+    finite = np.isfinite(stack)
+    clean = np.where(finite, stack, 0.0)
+    vmax = float(clean.max()) if clean.size else 1.0
+    vmax = vmax or 1.0
+    top = vmax if shared_scale else np.maximum(clean.max(axis=(2, 3), keepdims=True), 1e-30)
+    index = np.clip(clean / top * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (R, C, Lq, Lk)
+    table = colormaps[cmap](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]  # (256, 3) uint8
+    rgb = table[index]  # (R, C, Lq, Lk, 3)
+    rgb[~finite | (stack == 0)] = np.array(MASKED_RGB) * 255
+    canvas = np.full((rows, height + gap, cols, width + gap, 3), 255, np.uint8)
+    canvas[:, :height, :, :width] = rgb.transpose(0, 2, 1, 3, 4)  # (R, Lq, C, Lk, 3)
+    canvas = canvas.reshape(rows * (height + gap), cols * (width + gap), 3)
+    return canvas[:-gap, :-gap], vmax
 
 
 def render_grid(panels: Sequence[Sequence[Matrix]], row_titles: Sequence[str],
                 col_titles: Sequence[str], output: Path, fmt: str, *, title: str,
-                shared_scale: bool = True, cmap: str = "viridis", dpi: int = 120) -> None:
-    """A layer x head grid in one image, labelled by row and column, with one colour bar."""
+                shared_scale: bool = True, cmap: str = "viridis", dpi: int = 100,
+                min_pixels: int = 900, max_pixels: int = 2000) -> None:
+    """A layer x head grid in one image drawn 1:1 (no resampling), labelled by row and column,
+    with one colour bar. Fixed margins instead of a layout engine: the figure is drawn once."""
     canvas, vmax = compose_grid(panels, shared_scale=shared_scale, cmap=cmap)
+    longest = max(canvas.shape[:2])
+    grow = max(1, min_pixels // longest)  # small maps: whole-pixel upscaling keeps cells crisp
+    step = max(1, -(-longest // max_pixels))  # huge grids: shrink by whole steps
+    shown = canvas.repeat(grow, axis=0).repeat(grow, axis=1) if grow > 1 else canvas[::step,
+                                                                                      ::step]
+    step = 1 / grow if grow > 1 else step
     rows, cols = len(panels), len(panels[0])
     height, width = panels[0][0].shape
-    panel_inches = min(1.6, max(0.7, 14.0 / max(rows, cols)))
-    fig, ax = plt.subplots(figsize=(cols * panel_inches + 2.0, rows * panel_inches + 1.2),
-                           dpi=dpi, layout="constrained")
-    ax.imshow(canvas, interpolation="nearest", aspect="auto")
-    ax.set_xticks([c * (width + 2) + width / 2 - 0.5 for c in range(cols)])
+    left = 0.15 + 0.065 * max((len(t) for t in row_titles), default=0)  # inches
+    right, top, bottom = 1.6, 0.75, 0.15
+    image_w, image_h = shown.shape[1] / dpi, shown.shape[0] / dpi
+    fig_w, fig_h = left + image_w + right, bottom + image_h + top
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+    ax = fig.add_axes((left / fig_w, bottom / fig_h, image_w / fig_w, image_h / fig_h))
+    ax.imshow(shown, interpolation="nearest", aspect="auto")
+    ax.set_xticks([(c * (width + 2) + width / 2) / step - 0.5 for c in range(cols)])
     ax.set_xticklabels(col_titles, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks([r * (height + 2) + height / 2 - 0.5 for r in range(rows)])
+    ax.set_yticks([(r * (height + 2) + height / 2) / step - 0.5 for r in range(rows)])
     ax.set_yticklabels(row_titles, fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(title, fontsize=11)
-    scale = Normalize(0.0, vmax if shared_scale else 1.0)
+    fig.suptitle(title, fontsize=11, y=1 - 0.12 / fig_h, va="top")
+    bar = fig.add_axes(((left + image_w + 0.3) / fig_w, (bottom + image_h * 0.2) / fig_h,
+                        0.18 / fig_w, image_h * 0.6 / fig_h))
     label = "attention probability" if shared_scale else "fraction of each panel's maximum"
-    fig.colorbar(ScalarMappable(scale, colormaps[cmap]), ax=ax, shrink=0.6, label=label)
+    fig.colorbar(ScalarMappable(Normalize(0.0, vmax if shared_scale else 1.0), colormaps[cmap]),
+                 cax=bar, label=label)
+    options = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
+    fig.savefig(output, format=fmt, **options)  # type: ignore[arg-type]
+    plt.close(fig)
+
+
+def upsample(heat: Matrix, height: int, width: int, *, smooth: bool = False) -> Matrix:
+    """A low-resolution map (h, w) at image size (H, W): nearest cells, or bilinear."""
+    if smooth:
+        from PIL import Image
+
+        image = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F")
+        return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    rows = np.minimum((np.arange(height) * heat.shape[0]) // height, heat.shape[0] - 1)
+    cols = np.minimum((np.arange(width) * heat.shape[1]) // width, heat.shape[1] - 1)
+    return np.asarray(heat[rows][:, cols])  # (H, W)
+
+
+def overlay(image: Matrix, heat: Matrix, *, vmax: float, alpha: float = 0.55,
+            cmap: str = "inferno", smooth: bool = False) -> Matrix:
+    """Alpha-blend a colour-mapped attention map over an (H, W, 3) uint8 image -> floats."""
+    height, width = image.shape[:2]
+    up = upsample(np.nan_to_num(heat), height, width, smooth=smooth)
+    colour = colormaps[cmap](np.clip(up / (vmax or 1.0), 0.0, 1.0))[..., :3]  # (H, W, 3)
+    return np.asarray((1.0 - alpha) * image.astype(np.float32) / 255.0 + alpha * colour)
+
+
+Box = tuple[float, float, float, float]
+
+
+def render_image_panels(panels: Sequence[Sequence[Matrix]], output: Path, fmt: str, *,
+                        title: str, panel_titles: Sequence[Sequence[str]],
+                        boxes: Sequence[Sequence[tuple[Box, str] | None]] | None = None,
+                        points: Sequence[tuple[float, float]] = (),
+                        colorbar: tuple[float, str] | None = None, cmap: str = "inferno",
+                        dpi: int = 110) -> None:
+    """Equal-size RGB panels in one image; titles, boxes and reference points drawn on top."""
+    from matplotlib.patches import Rectangle
+
+    rows, cols = len(panels), len(panels[0])
+    height, width = panels[0][0].shape[:2]
+    gap = max(4, width // 40)
+    canvas = np.ones((rows * (height + gap) - gap, cols * (width + gap) - gap, 3), np.float32)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            y, x = r * (height + gap), c * (width + gap)
+            canvas[y:y + height, x:x + width] = panel
+    inches = min(3.2, 16.0 / max(cols, 1))
+    fig, ax = plt.subplots(figsize=(cols * inches * width / max(height, width) + 1.5,
+                                    rows * inches * height / max(height, width) + 0.9),
+                           dpi=dpi, layout="constrained")
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    for r in range(rows):
+        for c in range(cols):
+            y, x = r * (height + gap), c * (width + gap)
+            ax.text(x + 2, y + 2, panel_titles[r][c], fontsize=7, color="white", va="top",
+                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
+            entry = boxes[r][c] if boxes is not None else None
+            if entry is not None:
+                (x0, y0, x1, y1), label = entry
+                ax.add_patch(Rectangle((x + x0, y + y0), x1 - x0, y1 - y0, fill=False,
+                                       edgecolor="lime", linewidth=1.6))
+                ax.text(x + x0, y + y1, label, fontsize=7, color="black", va="bottom",
+                        bbox={"facecolor": "lime", "alpha": 0.8, "pad": 1, "linewidth": 0})
+            for px, py in points:
+                ax.plot(x + px, y + py, marker="x", color="cyan", markersize=7, mew=2)
+    ax.set_title(title, fontsize=10)
+    if colorbar is not None:
+        vmax, label = colorbar
+        fig.colorbar(ScalarMappable(Normalize(0.0, vmax), colormaps[cmap]), ax=ax, shrink=0.7,
+                     label=label)
     fig.savefig(output, format=fmt)
     plt.close(fig)

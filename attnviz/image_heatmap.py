@@ -1,0 +1,260 @@
+"""``attnviz heatmap --image``: ViT and DETR rebuilt from their checkpoints, attention over the
+image (per head, head mean, rollout), DETR's per-object decoder attention and encoder
+self-attention at reference points."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnviz import __version__
+from attnviz.atomic import atomic_output, check_output_path
+from attnviz.capture import AttentionMaps, capture_attention
+from attnviz.checkpoint import Checkpoint, load_checkpoint
+from attnviz.errors import UsageError
+from attnviz.heatmap import IMAGE_SUFFIXES, HeatmapResult, parse_selector
+from attnviz.image_inputs import detr_image, parse_size, vit_image
+from attnviz.inspection import analyse
+from attnviz.models.coco_names import COCO_NAMES
+from attnviz.rollout import attention_rollout
+
+VIEWS = ("auto", "overlay", "rollout")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    image: Path
+    size: str | None = None
+    normalize: bool = True
+    layer: str | None = None  # None: the last layer
+    head: str | None = None  # None: every head for ViT, the head mean for DETR
+    view: str = "auto"
+    top_k: int = 3
+    threshold: float = 0.7
+    queries: tuple[int, ...] = ()
+    points: tuple[tuple[float, float], ...] = ()
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    alpha: float = 0.55
+    smooth: bool = False
+    title: str | None = None
+
+
+@dataclass
+class Figure:
+    panels: list[list[np.ndarray]]
+    titles: list[list[str]]
+    title: str
+    vmax: float
+    boxes: list[list[tuple[tuple[float, float, float, float], str] | None]] | None = None
+    points: tuple[tuple[float, float], ...] = ()
+    metadata: dict[str, str] | None = None
+
+
+def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOptions, *,
+                  heads: tuple[str, ...] = (), config: str | Path | None = None,
+                  key: str | None = None, save_maps: str | Path | None = None,
+                  force: bool = False) -> HeatmapResult:
+    path, output = Path(checkpoint), Path(output)
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"-o {output.name}: use a .png, .svg or .pdf file name")
+    if options.view not in VIEWS:
+        raise UsageError(f"--view with --image is one of {', '.join(VIEWS)}")
+    ckpt = load_checkpoint(path, key=key, config=config)
+    check_output_path(output, [path, *ckpt.files], force=force)
+    maps_path = Path(save_maps) if save_maps is not None else None
+    if maps_path is not None:
+        check_output_path(maps_path, [path, *ckpt.files, output], force=force)
+    report = analyse(ckpt, heads)
+    if "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
+        figure, maps, description = _detr(ckpt, report, options)
+    elif "patch_embed.proj.weight" in ckpt.tensors:
+        figure, maps, description = _vit(ckpt, report, options)
+    else:
+        raise UsageError("--image needs a ViT (timm layout: patch_embed, blocks.N.attn.qkv) or "
+                         "a DETR (official layout) checkpoint", path=path,
+                         hint="for sequence models use --text/--tokens/--input/--seq-len")
+    from attnviz import render
+
+    with atomic_output(output) as temp:
+        render.render_image_panels(figure.panels, temp, render.FORMATS[output.suffix.lower()],
+                                   title=options.title or figure.title,
+                                   panel_titles=figure.titles, boxes=figure.boxes,
+                                   points=figure.points,
+                                   colorbar=(figure.vmax, "attention"))
+    result = HeatmapResult(output, "overlay", [t[0] for t in figure.titles],
+                           figure.titles[0], description)
+    if maps_path is not None:
+        from safetensors.torch import save_file
+
+        metadata = {"format": "attnviz-maps", "attnviz_version": __version__,
+                    "model": description, "layers": json.dumps(list(maps)),
+                    "routes": json.dumps(maps.routes), "layout": "B, H, Lq, Lk",
+                    **(figure.metadata or {})}
+        with atomic_output(maps_path) as temp:
+            save_file({n: t.contiguous() for n, t in maps.items()}, str(temp), metadata=metadata)
+        result.maps_file = maps_path
+    return result
+
+
+def _heads(options: ImageOptions, count: int, default: str) -> list[int] | None:
+    return parse_selector(options.head or default, count, "head")
+
+
+def _head_panels(stack: torch.Tensor, head_ids: list[int] | None) -> list[tuple[str, Any]]:
+    """(H, h, w) -> [(title, (h, w) map)] for the chosen heads, or their mean."""
+    if head_ids is None:
+        return [("head mean", stack.mean(dim=0).numpy())]
+    return [(f"head {h}", stack[h].numpy()) for h in head_ids]
+
+
+def _vit(ckpt: Checkpoint, report: Any, options: ImageOptions
+         ) -> tuple[Figure, AttentionMaps, str]:
+    from attnviz.models.vit import load_vit
+    from attnviz.render import overlay
+
+    model, spec = load_vit(ckpt, report)
+    image = vit_image(options.image, spec.image_size, parse_size(options.size), spec.patch,
+                      normalize=options.normalize)
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(image.tensor)
+    names = [n for n in maps if n.startswith("blocks.")]
+    grid = (image.pixels.shape[0] // spec.patch, image.pixels.shape[1] // spec.patch)
+    prefix = spec.prefix_tokens
+
+    def cls_rows(attention: torch.Tensor) -> torch.Tensor:  # (1, H, T, T) -> (H, gh, gw)
+        rows = attention[0, :, 0, prefix:] if spec.has_cls else attention[0, :, prefix:,
+                                                                          prefix:].mean(1)
+        return rows.reshape(rows.shape[0], *grid)
+
+    description = (f"ViT rebuilt from the checkpoint: {spec.depth} blocks, dim {spec.dim}, "
+                   f"{spec.heads} heads, patch {spec.patch}, grid {grid[0]}x{grid[1]}")
+    meta = {"grid": json.dumps(grid), "prefix_tokens": str(prefix),
+            "image_size": json.dumps(image.pixels.shape[:2]), "patch": str(spec.patch)}
+    pixels = image.pixels.astype(np.float32) / 255.0
+    if options.view == "rollout":
+        rolled = attention_rollout([maps[n] for n in names], head_fusion=options.head_fusion,
+                                   discard_ratio=options.discard_ratio)  # (1, T, T)
+        heat = rolled[0, 0, prefix:].reshape(grid).numpy()
+        vmax = float(heat.max())
+        panel = overlay(image.pixels, heat, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
+        title = (f"attention rollout over {len(names)} blocks (head fusion "
+                 f"{options.head_fusion}, discard ratio {options.discard_ratio:g})")
+        return Figure([[pixels, panel]], [["image", "rollout: CLS attention"]], title, vmax,
+                      metadata=meta), maps, description
+    layer_ids = parse_selector(options.layer or "-1", len(names), "layer")
+    head_ids = _heads(options, spec.heads, "all")
+    rows: list[tuple[str, list[tuple[str, Any]]]] = []
+    if layer_ids is None:
+        stack = torch.stack([cls_rows(maps[n]) for n in names]).mean(dim=0)
+        rows.append((f"mean of {len(names)} blocks", _head_panels(stack, head_ids)))
+    else:
+        rows += [(names[i], _head_panels(cls_rows(maps[names[i]]), head_ids)) for i in layer_ids]
+    vmax = max(float(np.max(h)) for _, heads in rows for _, h in heads)
+    panels = [[overlay(image.pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
+               for _, h in heads] for _, heads in rows]
+    titles = [[f"{name} · {t}" for t, _ in heads] for name, heads in rows]
+    title = "CLS attention to each patch" if spec.has_cls else "mean attention to each patch"
+    return Figure(panels, titles, title, vmax, metadata=meta), maps, description
+
+
+def _class_names(ckpt: Checkpoint, classes: int) -> list[str]:
+    from attnviz.heads import settings_from
+
+    for settings in settings_from(ckpt.config, ckpt.root):
+        names = settings.value("class_names")
+        if isinstance(names, list | tuple) and len(names) >= classes - 1:
+            return [str(n) for n in names]
+    if classes == 92:
+        return list(COCO_NAMES)
+    return [f"class {i}" for i in range(classes)]
+
+
+def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
+          ) -> tuple[Figure, AttentionMaps, str]:
+    from attnviz.models.detr import load_detr
+    from attnviz.render import overlay
+
+    model, spec = load_detr(ckpt, report)
+    image = detr_image(options.image, parse_size(options.size), normalize=options.normalize)
+    with torch.no_grad(), capture_attention(model) as maps:
+        out = model(image.tensor)
+    fh, fw = out.feature_size
+    height, width = image.pixels.shape[:2]
+    description = (f"DETR rebuilt from the checkpoint: {spec.encoder_layers}+"
+                   f"{spec.decoder_layers} layers, hidden {spec.hidden}, {spec.heads} heads, "
+                   f"{spec.queries} queries, feature map {fh}x{fw}")
+    probs = out.logits.softmax(-1)[0, :, :-1]  # (Q, classes): drop "no object"
+    scores, labels = probs.max(-1)
+    names = _class_names(ckpt, spec.classes)
+    meta = {"feature_size": json.dumps([fh, fw]), "image_size": json.dumps([height, width]),
+            "scores": json.dumps([round(float(s), 5) for s in scores]),
+            "labels": json.dumps([int(label) for label in labels])}
+    head_ids = _heads(options, spec.heads, "mean")
+    pixels = image.pixels.astype(np.float32) / 255.0
+
+    def to_panels(heats: list[tuple[str, Any]], vmax: float) -> list[np.ndarray]:
+        return [overlay(image.pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
+                for _, h in heats]
+
+    if options.points:
+        layers = [n for n in maps if ".encoder." in n]
+        chosen = parse_selector(options.layer or "-1", len(layers), "layer")
+        if chosen is None or len(chosen) != 1:
+            raise UsageError("--point shows one encoder layer: pick one with --layer")
+        attention = maps[layers[chosen[0]]][0]  # (H, hw, hw)
+        rows, points = [], []
+        for x, y in options.points:
+            sx = x * width / image.original_size[1]  # original pixels -> model input pixels
+            sy = y * height / image.original_size[0]
+            if not (0 <= sx < width and 0 <= sy < height):
+                raise UsageError(f"--point {x:g},{y:g} is outside the {image.original_size[1]}"
+                                 f"x{image.original_size[0]} image")
+            cell = int(sy * fh / height) * fw + int(sx * fw / width)
+            rows.append((f"({x:g},{y:g})", _head_panels(attention[:, cell].reshape(-1, fh, fw),
+                                                        head_ids)))
+            points.append((sx, sy))
+        vmax = max(float(np.max(h)) for _, heats in rows for _, h in heats)
+        panels = [to_panels(heats, vmax) for _, heats in rows]
+        titles = [[f"{layers[chosen[0]]} at {p} · {t}" for t, _ in heats] for p, heats in rows]
+        return Figure(panels, titles, "encoder self-attention at reference points", vmax,
+                      points=tuple(points), metadata=meta), maps, description
+
+    layers = [n for n in maps if n.endswith("multihead_attn")]
+    chosen = parse_selector(options.layer or "-1", len(layers), "layer")
+    if chosen is None or len(chosen) != 1:
+        raise UsageError("DETR figures show one decoder layer: pick one with --layer")
+    attention = maps[layers[chosen[0]]][0]  # (H, Q, hw)
+    queries = list(options.queries)
+    if any(not 0 <= q < spec.queries for q in queries):
+        raise UsageError(f"--query must be in 0..{spec.queries - 1}")
+    note = ""
+    if not queries:
+        order = scores.argsort(descending=True).tolist()
+        queries = [q for q in order if scores[q] >= options.threshold][:options.top_k]
+        if not queries:
+            queries, note = order[:options.top_k], (f" (no query scores >= "
+                                                     f"{options.threshold:g}: top {options.top_k})")
+    per_query = [(q, _head_panels(attention[:, q].reshape(-1, fh, fw), head_ids))
+                 for q in queries]
+    vmax = max(float(np.max(h)) for _, heats in per_query for _, h in heats)
+    panels, titles = [], []
+    boxes: list[list[tuple[tuple[float, float, float, float], str] | None]] = []
+    for q, heats in per_query:
+        cx, cy, bw, bh = out.boxes[0, q].tolist()
+        box = ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width,
+               (cy + bh / 2) * height)
+        label = f"{names[int(labels[q])]} {float(scores[q]):.2f}"
+        panels.append([pixels, *to_panels(heats, vmax)])
+        titles.append([f"query {q}: {label}", *[f"query {q} · {t}" for t, _ in heats]])
+        row: list[tuple[tuple[float, float, float, float], str] | None] = [(box, label)]
+        boxes.append(row + [(box, "")] * len(heats))
+    meta["queries"] = json.dumps(queries)
+    title = f"{layers[chosen[0]]}: decoder cross-attention per predicted object{note}"
+    return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta), maps, description
+
