@@ -14,7 +14,7 @@ import torch
 from attnviz import __version__
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import AttentionMaps, capture_attention
-from attnviz.checkpoint import load_checkpoint
+from attnviz.checkpoint import Checkpoint, load_checkpoint
 from attnviz.errors import UsageError
 from attnviz.inspection import analyse
 from attnviz.models.sources import load_model
@@ -116,6 +116,20 @@ def select_panels(maps: AttentionMaps, options: HeatmapOptions
     return rows, row_titles, col_titles
 
 
+def open_for_heatmap(path: Path, output: Path, save_maps: str | Path | None, *,
+                     key: str | None, config: str | Path | None,
+                     force: bool) -> tuple[Checkpoint, Path | None]:
+    """Load the checkpoint's metadata and check both outputs before any model work."""
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"-o {output.name}: use a .png, .svg or .pdf file name")
+    ckpt = load_checkpoint(path, key=key, config=config)
+    check_output_path(output, [path, *ckpt.files], force=force)
+    maps_path = Path(save_maps) if save_maps is not None else None
+    if maps_path is not None:
+        check_output_path(maps_path, [path, *ckpt.files, output], force=force)
+    return ckpt, maps_path
+
+
 def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: SequenceRequest, *,
                      options: HeatmapOptions = HeatmapOptions(), factory: str | None = None,
                      strict: bool = True, heads: Iterable[str] = (),
@@ -123,15 +137,10 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
                      save_maps: str | Path | None = None, force: bool = False,
                      norm_first: bool = False, activation: str = "relu") -> HeatmapResult:
     path, output = Path(checkpoint), Path(output)
-    if output.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"-o {output.name}: use a .png, .svg or .pdf file name")
     if options.view not in VIEWS or options.scale not in SCALES:
         raise UsageError(f"--view is one of {VIEWS}, --scale one of {SCALES}")
-    ckpt = load_checkpoint(path, key=key, config=config)
-    check_output_path(output, [path, *ckpt.files], force=force)
-    maps_path = Path(save_maps) if save_maps is not None else None
-    if maps_path is not None:
-        check_output_path(maps_path, [path, *ckpt.files, output], force=force)
+    ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
+                                       force=force)
     report = analyse(ckpt, heads)
     loaded = load_model(path, ckpt, report, factory=factory, strict=strict,
                         norm_first=norm_first, activation=activation)

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from attnviz import __version__
-from attnviz.atomic import atomic_output, check_output_path
+from attnviz.atomic import atomic_output
 from attnviz.capture import AttentionMaps, capture_attention
-from attnviz.checkpoint import Checkpoint, load_checkpoint
+from attnviz.checkpoint import Checkpoint
 from attnviz.errors import UsageError
-from attnviz.heatmap import IMAGE_SUFFIXES, HeatmapResult, parse_selector
+from attnviz.heatmap import HeatmapResult, open_for_heatmap, parse_selector
 from attnviz.image_inputs import detr_image, parse_size, vit_image
 from attnviz.inspection import analyse
 from attnviz.models.coco_names import COCO_NAMES
@@ -61,15 +61,10 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
                   key: str | None = None, save_maps: str | Path | None = None,
                   force: bool = False) -> HeatmapResult:
     path, output = Path(checkpoint), Path(output)
-    if output.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"-o {output.name}: use a .png, .svg or .pdf file name")
     if options.view not in VIEWS:
         raise UsageError(f"--view with --image is one of {', '.join(VIEWS)}")
-    ckpt = load_checkpoint(path, key=key, config=config)
-    check_output_path(output, [path, *ckpt.files], force=force)
-    maps_path = Path(save_maps) if save_maps is not None else None
-    if maps_path is not None:
-        check_output_path(maps_path, [path, *ckpt.files, output], force=force)
+    ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
+                                       force=force)
     report = analyse(ckpt, heads)
     if "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
         figure, maps, description = _detr(ckpt, report, options)
