@@ -52,13 +52,13 @@ def read_array(info: TensorInfo) -> np.ndarray[Any, Any]:
     if ref.offset * size + length > info.span.length:
         raise CorruptCheckpointError(f"tensor '{info.name}' runs past its storage",
                                      path=info.span.path)
-    buffer = bytearray(length)
+    buffer = np.empty(length, np.uint8)  # not zero-filled: every byte is read into
     with info.span.path.open("rb") as handle:
         handle.seek(info.span.offset + ref.offset * size)
-        if handle.readinto(buffer) != length:
+        if handle.readinto(buffer.data) != length:
             raise CorruptCheckpointError(f"tensor '{info.name}' is cut off (file truncated)",
                                          path=info.span.path, hint="download the file again")
-    flat = np.frombuffer(buffer, dtype=dtype)  # (span_elems,)
+    flat = buffer.view(dtype)  # (span_elems,)
     if info.span.byteorder == "big" and size > 1:
         flat = flat.view(f"u{size}").byteswap().view(dtype)
     view = np.lib.stride_tricks.as_strided(flat, ref.shape, [s * size for s in ref.stride])

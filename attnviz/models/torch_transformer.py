@@ -133,15 +133,26 @@ def state_for(spec: TransformerSpec, checkpoint: Checkpoint,
     return state
 
 
+def adopt_state(model: nn.Module, state: dict[str, torch.Tensor], path: object) -> nn.Module:
+    """Give a module built on the meta device the checkpoint's tensors (no random init, no
+    second copy), cast to the module's dtypes; refuse if anything is left without values."""
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise ModelBuildError(f"the rebuilt model needs {len(missing)} tensors the file lacks, "
+                              f"e.g. '{missing[0]}'", path=str(path),
+                              hint="pass --model package.module:factory for other models")
+    model.load_state_dict({k: state[k].to(v.dtype) for k, v in wanted.items()}, strict=True,
+                          assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelBuildError(f"internal error: '{left[0]}' has no value after loading")
+    return model.eval()
+
+
 def load_transformer(checkpoint: Checkpoint, report: InspectReport, *, norm_first: bool = False,
                      activation: str = "relu") -> tuple[nn.Module, TransformerSpec]:
     spec = detect_transformer(checkpoint, report)
-    model = build_transformer(spec, norm_first=norm_first, activation=activation)
-    state = state_for(spec, checkpoint, model)
-    missing = sorted(set(model.state_dict()) - set(state))
-    if missing:
-        raise ModelBuildError(f"rebuilt {spec.kind} needs {len(missing)} tensors the file lacks, "
-                              f"e.g. '{missing[0]}'", path=checkpoint.path,
-                              hint="pass --model package.module:factory for other architectures")
-    model.load_state_dict(state, strict=True)
-    return model, spec
+    with torch.device("meta"):
+        model = build_transformer(spec, norm_first=norm_first, activation=activation)
+    return adopt_state(model, state_for(spec, checkpoint, model), checkpoint.path), spec

@@ -19,7 +19,7 @@ from torch import nn
 from attnviz.checkpoint import Checkpoint
 from attnviz.errors import HeadsError
 from attnviz.inspection import InspectReport
-from attnviz.models.torch_transformer import ModelBuildError
+from attnviz.models.torch_transformer import ModelBuildError, adopt_state
 
 
 @dataclass(frozen=True)
@@ -203,12 +203,8 @@ class VisionTransformer(nn.Module):
 
 def load_vit(checkpoint: Checkpoint, report: InspectReport) -> tuple[VisionTransformer, ViTSpec]:
     spec = detect_vit(checkpoint, report)
-    model = VisionTransformer(spec)
-    wanted = model.state_dict()
-    state = {k: checkpoint.read_tensor(k) for k in wanted if k in checkpoint.tensors}
-    missing = sorted(set(wanted) - set(state))
-    if missing:
-        raise ModelBuildError(f"rebuilt ViT needs {len(missing)} tensors the file lacks, e.g. "
-                              f"'{missing[0]}'", path=checkpoint.path)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), spec
+    with torch.device("meta"):
+        model = VisionTransformer(spec)
+    state = {k: checkpoint.read_tensor(k) for k in model.state_dict() if k in checkpoint.tensors}
+    adopt_state(model, state, checkpoint.path)
+    return model, spec
