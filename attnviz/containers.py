@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from attnviz.errors import ContainerKeyError, LimitExceededError
-from attnviz.formats.safe_pickle import ForeignCall, ForeignObject, NumpyScalar, TensorRef
+from attnviz.formats.placeholders import ForeignCall, ForeignObject, NumpyScalar
+from attnviz.formats.safe_pickle import TensorRef
 from attnviz.limits import LIMITS
 
 # Wrapper keys that usually hold the weights, best first; EMA copies come last.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnviz.errors import HeadsError, UsageError
-from attnviz.formats.safe_pickle import ForeignObject
+from attnviz.formats.placeholders import ForeignObject
 from attnviz.layouts.spec import AttentionLayer, Packing
 
 # (layer-name regex, settings key). Scoped keys come first so that encoder/decoder stacks of

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnviz.formats.safe_pickle import ForeignObject
+from attnviz.formats.placeholders import ForeignObject
 
 
 @dataclass(frozen=True)
