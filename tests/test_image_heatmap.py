@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -336,3 +338,42 @@ def test_cli_detr_queries_points_and_errors(tmp_path: Path) -> None:
     code, _, err = cli("heatmap", str(SAMPLES / "mha_kvdim.pth"), "--image", str(image), "-o",
                        str(out), "--force")
     assert code == 2 and "needs a ViT" in err
+
+
+# --- the trained samples show real structure -------------------------------------------------
+
+
+def _training_script() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_samples", Path(__file__).resolve().parent.parent / "scripts" / "train_samples.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_samples"] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trained_vit_cls_attention_lands_on_the_shape() -> None:
+    """Through attnviz's own load and capture, on 50 fresh images: the last block's CLS
+    attention (head mean, over patches) puts far more mass inside the shape's box than the box's
+    share of the image."""
+    train: Any = _training_script()
+    ckpt = load_checkpoint(SAMPLES / "vit_shapes.pth")
+    model, spec = load_vit(ckpt, analyse(ckpt))
+    grid = spec.pos_grid
+    data = train.make_dataset(np.random.default_rng(7), 50, spec.image_size,
+                              render_size=(128, 128), grid=grid)
+    with torch.no_grad(), capture_attention(model) as maps:
+        logits = model(train.normalise(data.images))
+    accuracy = float((logits.argmax(-1) == data.labels).float().mean())
+    last = maps[f"blocks.{spec.depth - 1}.attn"]  # (50, H, T, T)
+    rows = last[:, :, 0, spec.prefix_tokens:].mean(1)  # (50, patches)
+    rows = rows / rows.sum(-1, keepdim=True)
+    overlap = train.box_overlap(data.boxes, grid)  # (50, patches): share of each cell in the box
+    mass = (rows * overlap).sum(-1)
+    area = overlap.sum(-1) / overlap.shape[-1]
+    ratio = float((mass / area).mean())
+    assert accuracy > 0.5, accuracy  # chance is 1/3
+    assert ratio > 2.0, f"CLS mass in box / box area = {ratio:.2f}"
