@@ -29,7 +29,6 @@ Already covered elsewhere, so not repeated here:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import importlib
@@ -37,7 +36,6 @@ import io
 import json
 import math
 import os
-import pickle
 import pickletools
 import pkgutil
 import random
@@ -69,6 +67,8 @@ from attnviz.errors import (
     UnsupportedCheckpointError,
 )
 from attnviz.inspection import inspect_checkpoint
+
+from .torch_pickles import PidStub, StorageStub, TensorStub, dumps
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 Build = Callable[[Path], Path]
@@ -188,46 +188,6 @@ def _data_pkl(path: Path) -> bytes:
     with zipfile.ZipFile(path) as archive:
         (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         return archive.read(name)
-
-
-class _Storage:
-    """Pickled as torch's persistent id ``('storage', FloatStorage, key, 'cpu', numel)``."""
-
-    def __init__(self, key: str = "0", numel: int = 12) -> None:
-        self.key, self.numel = key, numel
-
-
-class _Pid:
-    """Pickled as an arbitrary persistent id."""
-
-    def __init__(self, pid: Any) -> None:
-        self.pid = pid
-
-
-class _View:
-    """Pickled exactly as torch pickles a tensor: ``_rebuild_tensor_v2(storage, ...)``."""
-
-    def __init__(self, storage: Any, offset: int, size: tuple[int, ...],
-                 stride: tuple[int, ...]) -> None:
-        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (torch._utils._rebuild_tensor_v2, self.args)
-
-
-class _TorchLikePickler(pickle.Pickler):
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _Storage):
-            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
-        if isinstance(obj, _Pid):
-            return obj.pid
-        return None
-
-
-def _dumps(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    _TorchLikePickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()
 
 
 def _zip_with_pickle(name: str, make: Callable[[Path], bytes]) -> Build:
@@ -508,19 +468,20 @@ CASES: list[Case] = [
     Case("pickle-dangling-memo-get", _zip_with_pickle("memo.pth", lambda b: b"\x80\x02h\x05."),
          CorruptCheckpointError, r"pickle stream is damaged.*[Mm]emo"),
     Case("pickle-unexpected-persistent-id", _zip_with_pickle(
-        "pid.pth", lambda b: _dumps({"w": _View(_Pid(("module", "x")), 0, (4, 3), (3, 1))})),
+        "pid.pth", lambda b: dumps({"w": TensorStub(PidStub(("module", "x")), 0, (4, 3), (3, 1))})),
         CorruptCheckpointError, r"unexpected persistent id"),
     Case("storage-record-smaller-than-tensor",
          _record("short-record.pth", "data/0", b"\x00" * 8), CorruptCheckpointError,
          r"storage record 'data/0' holds 8 bytes, its tensors need 48"),
     Case("negative-storage-offset", _zip_with_pickle(
-        "negoffset.pth", lambda b: _dumps({"w": _View(_Storage(), -1, (4, 3), (3, 1))})),
+        "negoffset.pth", lambda b: dumps({"w": TensorStub(StorageStub(), -1, (4, 3), (3, 1))})),
         CorruptCheckpointError, r"negative or non-integer offset -1"),
     Case("negative-stride", _zip_with_pickle(
-        "negstride.pth", lambda b: _dumps({"w": _View(_Storage(), 11, (4, 3), (-3, 1))})),
+        "negstride.pth", lambda b: dumps({"w": TensorStub(StorageStub(), 11, (4, 3), (-3, 1))})),
         CorruptCheckpointError, r"negative size or stride"),
     Case("stride-0-giant-view", _zip_with_pickle(
-        "stride0.pth", lambda b: _dumps({"w": _View(_Storage(numel=1), 0, (10**12,), (0,))})),
+        "stride0.pth",
+        lambda b: dumps({"w": TensorStub(StorageStub(numel=1), 0, (10**12,), (0,))})),
         LimitExceededError, r"declares 4000000000000 bytes, over the cap"),
     # ---- legacy (torch < 1.6) files
     Case("legacy-wrong-magic", _legacy("magic.pth", _bad_magic), CorruptCheckpointError,

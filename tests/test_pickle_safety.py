@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import collections
 import functools
 import importlib
-import io
 import json
 import operator
 import os
@@ -45,41 +43,10 @@ from attnviz.errors import (
 )
 from attnviz.inspection import InspectReport, inspect_checkpoint
 
+from .torch_pickles import StorageStub, TensorStub, dumps
+
 # ---------------------------------------------------------------------------------------------
 # building torch zip containers with our own data.pkl
-
-
-class _StorageStub:
-    """Pickled as torch's persistent id ``('storage', FloatStorage, key, 'cpu', numel)``."""
-
-    def __init__(self, key: str, numel: int) -> None:
-        self.key = key
-        self.numel = numel
-
-
-class _TensorStub:
-    """Pickled exactly as torch pickles a tensor: ``_rebuild_tensor_v2(storage, ...)``."""
-
-    def __init__(self, storage: _StorageStub, offset: int, size: tuple[int, ...],
-                 stride: tuple[int, ...]) -> None:
-        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (torch._utils._rebuild_tensor_v2, self.args)
-
-
-class _TorchLikePickler(pickle.Pickler):
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _StorageStub):
-            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
-        return None
-
-
-def _dumps(obj: Any, *, fix_imports: bool = True) -> bytes:
-    """Protocol 2 like torch.save; fix_imports=True writes Python 2 names (``__builtin__``)."""
-    buffer = io.BytesIO()
-    _TorchLikePickler(buffer, protocol=2, fix_imports=fix_imports).dump(obj)
-    return buffer.getvalue()
 
 
 def _body(pickled: bytes) -> bytes:
@@ -94,8 +61,8 @@ class _Base:
     weight: torch.Tensor  # the only tensor, stored as record data/0 (12 float32 elements)
 
     def stub(self, size: tuple[int, ...] = (4, 3), stride: tuple[int, ...] = (3, 1),
-             offset: int = 0, numel: int = 12) -> _TensorStub:
-        return _TensorStub(_StorageStub("0", numel), offset, size, stride)
+             offset: int = 0, numel: int = 12) -> TensorStub:
+        return TensorStub(StorageStub("0", numel), offset, size, stride)
 
 
 @pytest.fixture
@@ -185,12 +152,12 @@ def _payload_file(base: _Base, tmp_path: Path, payload: str, placement: str,
         if placement == "top":
             data = b"\x80\x02" + chain + b"."
         else:  # splice: {'w': tensor} then SETITEM 'evil' = chain
-            data = (b"\x80\x02" + _body(_dumps({"w": base.stub()})) + _body(_dumps("evil"))
+            data = (b"\x80\x02" + _body(dumps({"w": base.stub()})) + _body(dumps("evil"))
                     + chain + b"s.")
     else:
         obj = PAYLOADS[payload](marker)
         root = obj if placement == "top" else {"w": base.stub(), "evil": obj}
-        data = _dumps(root, fix_imports=fix_imports)
+        data = dumps(root, fix_imports=fix_imports)
     name = f"{payload}-{placement}-{'py2' if fix_imports else 'py3'}.pth"
     return _with_data_pkl(base.path, tmp_path / name, data)
 
@@ -467,17 +434,17 @@ def _zip_without_data_pkl(base: _Base, tmp_path: Path) -> Path:
 
 
 def _overlong_view(base: _Base, tmp_path: Path) -> Path:
-    data = _dumps({"w": base.stub(size=(100, 3))})
+    data = dumps({"w": base.stub(size=(100, 3))})
     return _with_data_pkl(base.path, tmp_path / "overlong.pth", data)
 
 
 def _offset_past_storage(base: _Base, tmp_path: Path) -> Path:
-    data = _dumps({"w": base.stub(size=(2, 3), offset=10)})
+    data = dumps({"w": base.stub(size=(2, 3), offset=10)})
     return _with_data_pkl(base.path, tmp_path / "offset.pth", data)
 
 
 def _storage_bigger_than_record(base: _Base, tmp_path: Path) -> Path:
-    data = _dumps({"w": base.stub(size=(100, 3), numel=300)})
+    data = dumps({"w": base.stub(size=(100, 3), numel=300)})
     return _with_data_pkl(base.path, tmp_path / "bigstorage.pth", data)
 
 
@@ -598,7 +565,7 @@ def test_self_referencing_containers_load(base: _Base, tmp_path: Path) -> None:
     loop.append(loop)
     cycle: dict[str, Any] = {}
     cycle["self"] = cycle
-    data = _dumps({"model": {"w": base.stub()}, "loop": loop, "cycle": cycle})
+    data = dumps({"model": {"w": base.stub()}, "loop": loop, "cycle": cycle})
     path = _with_data_pkl(base.path, tmp_path / "loops.pth", data)
 
     ckpt = _load_within_budget(path)
@@ -612,7 +579,7 @@ def test_billion_laughs_list_dag_loads(base: _Base, tmp_path: Path) -> None:
     level: list[Any] = [base.stub()]
     for _ in range(30):
         level = [level] * 10  # 10**30 paths, 31 distinct lists thanks to the pickle memo
-    data = _dumps({"model": {"w": base.stub()}, "laughs": level})
+    data = dumps({"model": {"w": base.stub()}, "laughs": level})
     assert len(data) < 4096
     path = _with_data_pkl(base.path, tmp_path / "laughs.pth", data)
 
@@ -625,7 +592,7 @@ def test_billion_laughs_list_dag_loads(base: _Base, tmp_path: Path) -> None:
 
 def test_work_budget_can_trip(base: _Base, tmp_path: Path) -> None:
     """The budget helper really counts attnviz work (so the tests above can fail)."""
-    path = _with_data_pkl(base.path, tmp_path / "plain.pth", _dumps({"w": base.stub()}))
+    path = _with_data_pkl(base.path, tmp_path / "plain.pth", dumps({"w": base.stub()}))
     with pytest.raises(_WorkBudgetExceeded):
         _load_within_budget(path, budget=50)
     assert sorted(_load_within_budget(path).tensors) == ["w"]
@@ -635,7 +602,7 @@ def test_billion_laughs_dict_dag_beside_a_tensor_loads(base: _Base, tmp_path: Pa
     level: dict[str, Any] = {}
     for _ in range(30):
         level = {str(i): level for i in range(10)}
-    data = _dumps({"w": base.stub(), "laughs": level})
+    data = dumps({"w": base.stub(), "laughs": level})
     assert len(data) < 4096
     path = _with_data_pkl(base.path, tmp_path / "dict_laughs.pth", data)
 
@@ -665,7 +632,7 @@ def test_billion_laughs_module_dag_loads(base: _Base, tmp_path: Path) -> None:
     module = _FakeModule({"weight": base.stub()}, {})
     for _ in range(30):
         module = _FakeModule({}, {str(i): module for i in range(10)})
-    data = _dumps(module)
+    data = dumps(module)
     assert len(data) < 8192
     path = _with_data_pkl(base.path, tmp_path / "module_laughs.pth", data)
 
