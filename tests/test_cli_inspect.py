@@ -174,3 +174,28 @@ def test_python_dash_m_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "attnviz", "--version"], capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip() == f"attnviz {__version__}"
+
+
+def test_stats_report_nan_and_inf_without_crashing(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = torch.tensor([1.0, float("nan"), -3.0, float("inf"), float("-inf"), 5.0])
+    state = {"w": weights, "half": weights.to(torch.bfloat16), "ids": torch.arange(4),
+             "flag": torch.tensor([True, False]), "empty": torch.zeros(0)}
+    for path in (tmp_path / "x.pth", tmp_path / "x.safetensors"):
+        if path.suffix == ".pth":
+            torch.save(state, path)
+        else:
+            save_file(state, str(path))
+        code, out, err = invoke("inspect", str(path), "--json", "--stats")
+        assert code == 0, err
+        doc = json.loads(out)
+        stats = {s["name"]: s for s in doc["stats"]}
+        assert stats["w"] == stats["w"] | {"nan": 1, "inf": 2, "min": -3.0, "max": 5.0,
+                                           "mean": 1.0}
+        assert stats["half"]["nan"] == 1 and stats["half"]["max"] == 5.0
+        assert stats["ids"] == stats["ids"] | {"nan": 0, "min": 0.0, "max": 3.0}
+        assert stats["empty"]["min"] is None
+        assert any("'w' holds 1 NaN and 2 Inf" in w for w in doc["warnings"])
+    code, out, _ = invoke("inspect", str(tmp_path / "x.pth"), "--stats")
+    assert code == 0 and "value statistics" in out

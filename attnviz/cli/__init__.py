@@ -96,6 +96,9 @@ def inspect(
         "--filter", help="Only layers/tensors whose name matches this glob.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document "
                                           "(docs/json-schema.md).")] = False,
+    stats: Annotated[bool, typer.Option(
+        "--stats", help="Also read the values: min/max/mean/std and NaN/Inf counts per tensor."
+    )] = False,
 ) -> None:
     """Show every attention layer: layout, dims, heads and where that count came from."""
     from attnviz.inspection import inspect_checkpoint, report_to_json
@@ -105,10 +108,28 @@ def inspect(
     if config is not None and not config.is_file():
         raise UsageError(f"--config {config}: no such file")
     report = inspect_checkpoint(checkpoint, heads=heads or (), config=config, key=key)
+    value_stats = None
+    if stats:
+        import fnmatch
+
+        from attnviz.tensor_stats import tensor_stats
+
+        value_stats = tensor_stats(report.checkpoint, [
+            n for n in report.checkpoint.tensors
+            if filter_glob is None or fnmatch.fnmatchcase(n, filter_glob)])
+        for item in value_stats:
+            if item.nan or item.inf:
+                report.warnings.append(f"tensor '{item.name}' holds {item.nan} NaN and "
+                                       f"{item.inf} Inf values")
     if as_json:
-        typer.echo(json.dumps(report_to_json(report, tensor_filter=filter_glob), indent=2))
+        document = report_to_json(report, tensor_filter=filter_glob)
+        if value_stats is not None:
+            document["stats"] = [vars(item) for item in value_stats]
+        typer.echo(json.dumps(document, indent=2))
         return
     tables.print_inspect(report, show_all=show_all, tensor_filter=filter_glob)
+    if value_stats is not None:
+        tables.print_stats(value_stats)
 
 
 @app.command("split-qkv")

@@ -113,3 +113,18 @@ def split_table(result: SplitResult) -> Any:
         table.caption = ("verify: per-head attention vs nn.MultiheadAttention (MHA layouts) or "
                          "F.scaled_dot_product_attention on the stored tensors, float64")
     return table
+
+
+def print_stats(stats: list[Any]) -> None:
+    table = Table(title="value statistics (finite values)", title_justify="left")
+    for column in ("tensor", "min", "max", "mean", "std", "NaN", "Inf"):
+        table.add_column(column, justify="left" if column == "tensor" else "right")
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    for item in stats:
+        style = "bold red" if item.nan or item.inf else None
+        table.add_row(item.name, fmt(item.min), fmt(item.max), fmt(item.mean), fmt(item.std),
+                      str(item.nan), str(item.inf), style=style)
+    Console(highlight=False).print(table)
