@@ -18,9 +18,10 @@ from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint
 from attnviz.errors import UsageError
 from attnviz.heatmap import HeatmapResult, open_for_heatmap, parse_selector
-from attnviz.image_inputs import detr_image, parse_size, vit_image
+from attnviz.image_inputs import detr_image, open_rgb, parse_size, vit_image
 from attnviz.inspection import analyse
 from attnviz.models.coco_names import COCO_NAMES
+from attnviz.models.sources import is_hf_directory
 from attnviz.rollout import attention_rollout
 
 VIEWS = ("auto", "overlay", "rollout")
@@ -66,7 +67,9 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force)
     report = analyse(ckpt, heads)
-    if "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
+    if is_hf_directory(path):
+        figure, maps, description = _hf_vision(path, options)
+    elif "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
         figure, maps, description = _detr(ckpt, report, options)
     elif "patch_embed.proj.weight" in ckpt.tensors:
         figure, maps, description = _vit(ckpt, report, options)
@@ -111,7 +114,6 @@ def _head_panels(stack: torch.Tensor, head_ids: list[int] | None) -> list[tuple[
 def _vit(ckpt: Checkpoint, report: Any, options: ImageOptions
          ) -> tuple[Figure, AttentionMaps, str]:
     from attnviz.models.vit import load_vit
-    from attnviz.render import overlay
 
     model, spec = load_vit(ckpt, report)
     image = vit_image(options.image, spec.image_size, parse_size(options.size), spec.patch,
@@ -120,30 +122,41 @@ def _vit(ckpt: Checkpoint, report: Any, options: ImageOptions
         model(image.tensor)
     names = [n for n in maps if n.startswith("blocks.")]
     grid = (image.pixels.shape[0] // spec.patch, image.pixels.shape[1] // spec.patch)
-    prefix = spec.prefix_tokens
-
-    def cls_rows(attention: torch.Tensor) -> torch.Tensor:  # (1, H, T, T) -> (H, gh, gw)
-        rows = attention[0, :, 0, prefix:] if spec.has_cls else attention[0, :, prefix:,
-                                                                          prefix:].mean(1)
-        return rows.reshape(rows.shape[0], *grid)
-
     description = (f"ViT rebuilt from the checkpoint: {spec.depth} blocks, dim {spec.dim}, "
                    f"{spec.heads} heads, patch {spec.patch}, grid {grid[0]}x{grid[1]}")
+    figure = _vit_figure(maps, names, grid, spec.prefix_tokens, spec.has_cls, spec.patch,
+                         image.pixels, options)
+    return figure, maps, description
+
+
+def _vit_figure(maps: AttentionMaps, names: list[str], grid: tuple[int, int], prefix: int,
+                has_cls: bool, patch: int, image_pixels: np.ndarray, options: ImageOptions
+                ) -> Figure:
+    """CLS -> patch overlays (layer x head grid) or rollout, for any ViT's captured maps."""
+    from attnviz.render import overlay
+
+    heads = maps[names[0]].shape[1]
+
+    def cls_rows(attention: torch.Tensor) -> torch.Tensor:  # (1, H, T, T) -> (H, gh, gw)
+        rows = attention[0, :, 0, prefix:] if has_cls else attention[0, :, prefix:,
+                                                                     prefix:].mean(1)
+        return rows.reshape(rows.shape[0], *grid)
+
     meta = {"grid": json.dumps(grid), "prefix_tokens": str(prefix),
-            "image_size": json.dumps(image.pixels.shape[:2]), "patch": str(spec.patch)}
-    pixels = image.pixels.astype(np.float32) / 255.0
+            "image_size": json.dumps(image_pixels.shape[:2]), "patch": str(patch)}
+    pixels = image_pixels.astype(np.float32) / 255.0
     if options.view == "rollout":
         rolled = attention_rollout([maps[n] for n in names], head_fusion=options.head_fusion,
                                    discard_ratio=options.discard_ratio)  # (1, T, T)
         heat = rolled[0, 0, prefix:].reshape(grid).numpy()
         vmax = float(heat.max())
-        panel = overlay(image.pixels, heat, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
+        panel = overlay(image_pixels, heat, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
         title = (f"attention rollout over {len(names)} blocks (head fusion "
                  f"{options.head_fusion}, discard ratio {options.discard_ratio:g})")
         return Figure([[pixels, panel]], [["image", "rollout: CLS attention"]], title, vmax,
-                      metadata=meta), maps, description
+                      metadata=meta)
     layer_ids = parse_selector(options.layer or "-1", len(names), "layer")
-    head_ids = _heads(options, spec.heads, "all")
+    head_ids = _heads(options, heads, "all")
     rows: list[tuple[str, list[tuple[str, Any]]]] = []
     if layer_ids is None:
         stack = torch.stack([cls_rows(maps[n]) for n in names]).mean(dim=0)
@@ -151,11 +164,11 @@ def _vit(ckpt: Checkpoint, report: Any, options: ImageOptions
     else:
         rows += [(names[i], _head_panels(cls_rows(maps[names[i]]), head_ids)) for i in layer_ids]
     vmax = max(float(np.max(h)) for _, heads in rows for _, h in heads)
-    panels = [[overlay(image.pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
+    panels = [[overlay(image_pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
                for _, h in heads] for _, heads in rows]
     titles = [[f"{name} · {t}" for t, _ in heads] for name, heads in rows]
-    title = "CLS attention to each patch" if spec.has_cls else "mean attention to each patch"
-    return Figure(panels, titles, title, vmax, metadata=meta), maps, description
+    title = "CLS attention to each patch" if has_cls else "mean attention to each patch"
+    return Figure(panels, titles, title, vmax, metadata=meta)
 
 
 def _class_names(ckpt: Checkpoint, classes: int) -> list[str]:
@@ -173,28 +186,42 @@ def _class_names(ckpt: Checkpoint, classes: int) -> list[str]:
 def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
           ) -> tuple[Figure, AttentionMaps, str]:
     from attnviz.models.detr import load_detr
-    from attnviz.render import overlay
 
     model, spec = load_detr(ckpt, report)
     image = detr_image(options.image, parse_size(options.size), normalize=options.normalize)
     with torch.no_grad(), capture_attention(model) as maps:
         out = model(image.tensor)
     fh, fw = out.feature_size
-    height, width = image.pixels.shape[:2]
     description = (f"DETR rebuilt from the checkpoint: {spec.encoder_layers}+"
                    f"{spec.decoder_layers} layers, hidden {spec.hidden}, {spec.heads} heads, "
                    f"{spec.queries} queries, feature map {fh}x{fw}")
-    probs = out.logits.softmax(-1)[0, :, :-1]  # (Q, classes): drop "no object"
+    figure = _detr_figure(maps, out.logits, out.boxes, (fh, fw), image.pixels,
+                          image.original_size, _class_names(ckpt, spec.classes), options)
+    return figure, maps, description
+
+
+def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Tensor,
+                 feature_size: tuple[int, int], image_pixels: np.ndarray,
+                 original_size: tuple[int, int], names: list[str], options: ImageOptions
+                 ) -> Figure:
+    """The DETR paper's figure (per-query box + cross-attention) or encoder attention at
+    points, for any DETR's captured maps (rebuilt official layout or HF)."""
+    from attnviz.render import overlay
+
+    fh, fw = feature_size
+    height, width = image_pixels.shape[:2]
+    cross_layers = [n for n in maps if n.endswith(("multihead_attn", "encoder_attn"))]
+    heads, query_count = maps[cross_layers[0]].shape[1], logits.shape[1]
+    probs = logits.softmax(-1)[0, :, :-1]  # (Q, classes): drop "no object"
     scores, labels = probs.max(-1)
-    names = _class_names(ckpt, spec.classes)
     meta = {"feature_size": json.dumps([fh, fw]), "image_size": json.dumps([height, width]),
             "scores": json.dumps([round(float(s), 5) for s in scores]),
             "labels": json.dumps([int(label) for label in labels])}
-    head_ids = _heads(options, spec.heads, "mean")
-    pixels = image.pixels.astype(np.float32) / 255.0
+    head_ids = _heads(options, heads, "mean")
+    pixels = image_pixels.astype(np.float32) / 255.0
 
     def to_panels(heats: list[tuple[str, Any]], vmax: float) -> list[np.ndarray]:
-        return [overlay(image.pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
+        return [overlay(image_pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
                 for _, h in heats]
 
     if options.points:
@@ -205,11 +232,11 @@ def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
         attention = maps[layers[chosen[0]]][0]  # (H, hw, hw)
         rows, points = [], []
         for x, y in options.points:
-            sx = x * width / image.original_size[1]  # original pixels -> model input pixels
-            sy = y * height / image.original_size[0]
+            sx = x * width / original_size[1]  # original pixels -> model input pixels
+            sy = y * height / original_size[0]
             if not (0 <= sx < width and 0 <= sy < height):
-                raise UsageError(f"--point {x:g},{y:g} is outside the {image.original_size[1]}"
-                                 f"x{image.original_size[0]} image")
+                raise UsageError(f"--point {x:g},{y:g} is outside the {original_size[1]}"
+                                 f"x{original_size[0]} image")
             cell = int(sy * fh / height) * fw + int(sx * fw / width)
             rows.append((f"({x:g},{y:g})", _head_panels(attention[:, cell].reshape(-1, fh, fw),
                                                         head_ids)))
@@ -218,16 +245,16 @@ def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
         panels = [to_panels(heats, vmax) for _, heats in rows]
         titles = [[f"{layers[chosen[0]]} at {p} · {t}" for t, _ in heats] for p, heats in rows]
         return Figure(panels, titles, "encoder self-attention at reference points", vmax,
-                      points=tuple(points), metadata=meta), maps, description
+                      points=tuple(points), metadata=meta)
 
-    layers = [n for n in maps if n.endswith("multihead_attn")]
+    layers = cross_layers
     chosen = parse_selector(options.layer or "-1", len(layers), "layer")
     if chosen is None or len(chosen) != 1:
         raise UsageError("DETR figures show one decoder layer: pick one with --layer")
     attention = maps[layers[chosen[0]]][0]  # (H, Q, hw)
     queries = list(options.queries)
-    if any(not 0 <= q < spec.queries for q in queries):
-        raise UsageError(f"--query must be in 0..{spec.queries - 1}")
+    if any(not 0 <= q < query_count for q in queries):
+        raise UsageError(f"--query must be in 0..{query_count - 1}")
     note = ""
     if not queries:
         order = scores.argsort(descending=True).tolist()
@@ -241,7 +268,7 @@ def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
     panels, titles = [], []
     boxes: list[list[tuple[tuple[float, float, float, float], str] | None]] = []
     for q, heats in per_query:
-        cx, cy, bw, bh = out.boxes[0, q].tolist()
+        cx, cy, bw, bh = pred_boxes[0, q].tolist()
         box = ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width,
                (cy + bh / 2) * height)
         label = f"{names[int(labels[q])]} {float(scores[q]):.2f}"
@@ -251,5 +278,72 @@ def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
         boxes.append(row + [(box, "")] * len(heats))
     meta["queries"] = json.dumps(queries)
     title = f"{layers[chosen[0]]}: decoder cross-attention per predicted object{note}"
-    return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta), maps, description
+    return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta)
+
+
+def _hf_vision(path: Path, options: ImageOptions) -> tuple[Figure, AttentionMaps, str]:
+    """An HF model directory (``hf`` extra): its own image processor prepares the image, the
+    capture engine does the rest; DETR-family models get the DETR figure, ViT-like ones the
+    CLS overlays."""
+    import math
+    import os
+
+    from PIL import Image
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import (
+            AutoConfig,
+            AutoImageProcessor,
+            AutoModel,
+            AutoModelForObjectDetection,
+        )
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        raise UsageError("an HF model directory needs the 'hf' extra",
+                         hint="pip install 'attnviz[hf]'") from exc
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # one-line output
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        processor = AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+            path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError("this model directory has no image processor for --image", path=path,
+                         hint="save one with processor.save_pretrained(directory)") from exc
+    image = Image.fromarray(open_rgb(options.image))
+    inputs = processor(images=image, return_tensors="pt")
+    height, width = inputs["pixel_values"].shape[-2:]
+    pixels = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+    if "detr" in config.model_type:
+        model = AutoModelForObjectDetection.from_pretrained(path, local_files_only=True).eval()
+        with torch.no_grad(), capture_attention(model) as maps:
+            out = model(**inputs)
+        cross = [n for n in maps if n.endswith(("multihead_attn", "encoder_attn"))]
+        if not cross:
+            raise UsageError("no decoder cross-attention captured from this DETR", path=path)
+        fh, fw = math.ceil(height / 32), math.ceil(width / 32)  # ResNet stride 32
+        if fh * fw != maps[cross[0]].shape[-1]:
+            raise UsageError(f"cannot tell the feature map of {maps[cross[0]].shape[-1]} cells "
+                             f"for a {height}x{width} input", path=path)
+        labels = getattr(config, "id2label", {}) or {}
+        names = [str(labels.get(i, f"class {i}")) for i in range(out.logits.shape[-1])]
+        figure = _detr_figure(maps, out.logits, out.pred_boxes, (fh, fw), pixels,
+                              (image.height, image.width), names, options)
+        return figure, maps, (f"{type(model).__name__} from {path.name}: feature map "
+                              f"{fh}x{fw}")
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa",
+                                      local_files_only=True).eval()
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(pixel_values=inputs["pixel_values"])
+    patch = int(getattr(config, "patch_size", 16))
+    grid = (height // patch, width // patch)
+    names = list(maps)
+    prefix = maps[names[0]].shape[-1] - grid[0] * grid[1]
+    if prefix < 0:
+        raise UsageError(f"maps of {maps[names[0]].shape[-1]} tokens do not fit a "
+                         f"{grid[0]}x{grid[1]} patch grid", path=path)
+    figure = _vit_figure(maps, names, grid, prefix, prefix > 0, patch, pixels, options)
+    return figure, maps, (f"{type(model).__name__} from {path.name}: {len(names)} layers, "
+                          f"patch {patch}, grid {grid[0]}x{grid[1]}")
 

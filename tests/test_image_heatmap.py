@@ -377,3 +377,176 @@ def test_trained_vit_cls_attention_lands_on_the_shape() -> None:
     ratio = float((mass / area).mean())
     assert accuracy > 0.5, accuracy  # chance is 1/3
     assert ratio > 2.0, f"CLS mass in box / box area = {ratio:.2f}"
+
+
+def _hf_vision_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """Tiny HF ViT and DETR directories (random weights, saved offline, no hub)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vit_dir, detr_dir = tmp_path / "hf-vit", tmp_path / "hf-detr"
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64)
+    transformers.ViTModel(config).save_pretrained(vit_dir)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64],
+                                         depths=[1, 1, 1, 1], layer_type="basic",
+                                         out_features=["stage4"])
+    detr = transformers.DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5,
+        num_labels=3, id2label={0: "circle", 1: "square", 2: "triangle"})
+    transformers.DetrForObjectDetection(detr).save_pretrained(detr_dir)
+    transformers.DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}
+                                    ).save_pretrained(detr_dir)
+    return vit_dir, detr_dir
+
+
+def test_hf_vit_and_detr_directories_with_their_image_processors(tmp_path: Path) -> None:
+    vit_dir, detr_dir = _hf_vision_dirs(tmp_path)
+    image = demo_image(tmp_path, (100, 150))
+    out, maps = tmp_path / "hf.png", tmp_path / "maps.safetensors"
+    code, stdout, err = cli("heatmap", str(vit_dir), "--image", str(image), "-o", str(out),
+                            "--save-maps", str(maps))
+    assert code == 0, err
+    assert "ViTModel from hf-vit: 2 layers, patch 8, grid 4x4" in stdout
+    assert "1 row(s) x 4 panel(s)" in stdout
+    assert_picture(out)
+    with safe_open(str(maps), "pt") as handle:
+        assert handle.metadata()["prefix_tokens"] == "1"
+        assert handle.get_tensor(next(iter(handle.keys()))).shape == (1, 4, 17, 17)
+    code, stdout, err = cli("heatmap", str(vit_dir), "--image", str(image), "-o", str(out),
+                            "--view", "rollout", "--force")
+    assert code == 0, err
+    code, stdout, err = cli("heatmap", str(detr_dir), "--image", str(image), "-o", str(out),
+                            "--threshold", "0", "--top-k", "2", "--force", "--save-maps",
+                            str(maps))
+    assert code == 0, err
+    # the processor resizes 100x150 to 64x96: a stride-32 feature map of 2x3
+    assert "DetrForObjectDetection from hf-detr: feature map 2x3" in stdout
+    assert "2 row(s) x 2 panel(s)" in stdout
+    assert_picture(out)
+    with safe_open(str(maps), "pt") as handle:
+        meta = handle.metadata()
+        cross = [k for k in list(handle.keys()) if k.endswith("encoder_attn")]
+        assert handle.get_tensor(cross[-1]).shape == (1, 2, 5, 6)
+    assert meta["feature_size"] == "[2, 3]"
+    code, stdout, err = cli("heatmap", str(detr_dir), "--image", str(image), "-o", str(out),
+                            "--point", "75,50", "--force")
+    assert code == 0 and "1 row(s) x 1 panel(s)" in stdout, err
+
+
+def reference_resnet(state: dict[str, torch.Tensor], image: torch.Tensor,
+                     dilation: bool = False) -> torch.Tensor:
+    """torchvision's ResNet body with frozen batch norm, written out from the keys."""
+    def bn(name: str, x: torch.Tensor) -> torch.Tensor:
+        scale = state[f"{name}.weight"] / torch.sqrt(state[f"{name}.running_var"] + 1e-5)
+        shift = state[f"{name}.bias"] - state[f"{name}.running_mean"] * scale
+        return x * scale[:, None, None] + shift[:, None, None]
+
+    x = F.relu(bn("bn1", F.conv2d(image, state["conv1.weight"], stride=2, padding=3)))
+    x = F.max_pool2d(x, 3, 2, 1)
+    for stage in range(1, 5):
+        blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.")})
+        dilated = dilation and stage == 4
+        for index in blocks:
+            p = f"layer{stage}.{index}."
+            stride = 2 if index == 0 and stage > 1 and not dilated else 1
+            rate = 2 if dilated else 1
+            if f"{p}conv3.weight" in state:  # bottleneck: stride on the 3x3
+                out = F.relu(bn(p + "bn1", F.conv2d(x, state[p + "conv1.weight"])))
+                out = F.relu(bn(p + "bn2", F.conv2d(out, state[p + "conv2.weight"], stride=stride,
+                                                    padding=rate, dilation=rate)))
+                out = bn(p + "bn3", F.conv2d(out, state[p + "conv3.weight"]))
+            else:
+                out = F.relu(bn(p + "bn1", F.conv2d(x, state[p + "conv1.weight"], stride=stride,
+                                                    padding=rate, dilation=rate)))
+                out = bn(p + "bn2", F.conv2d(out, state[p + "conv2.weight"], padding=rate,
+                                             dilation=rate))
+            shortcut = x
+            if f"{p}downsample.0.weight" in state:
+                shortcut = bn(p + "downsample.1", F.conv2d(x, state[p + "downsample.0.weight"],
+                                                           stride=stride))
+            x = F.relu(out + shortcut)
+    return x
+
+
+def bottleneck_body(widths: tuple[int, ...] = (4, 8, 8, 16)) -> dict[str, torch.Tensor]:
+    """A tiny ResNet-50-style body: bottleneck blocks, expansion 4, two blocks in stage 1."""
+    torch.manual_seed(1)
+    state: dict[str, torch.Tensor] = {"conv1.weight": torch.randn(8, 3, 7, 7) * 0.2}
+
+    def bn(name: str, channels: int) -> None:
+        state[f"{name}.weight"] = 1 + 0.1 * torch.randn(channels)
+        state[f"{name}.bias"] = 0.1 * torch.randn(channels)
+        state[f"{name}.running_mean"] = 0.1 * torch.randn(channels)
+        state[f"{name}.running_var"] = 1 + 0.1 * torch.rand(channels)
+
+    bn("bn1", 8)
+    c_in = 8
+    for stage, width in enumerate(widths, start=1):
+        for index in range(2 if stage == 1 else 1):
+            p = f"layer{stage}.{index}."
+            state[p + "conv1.weight"] = torch.randn(width, c_in, 1, 1) * 0.3
+            state[p + "conv2.weight"] = torch.randn(width, width, 3, 3) * 0.2
+            state[p + "conv3.weight"] = torch.randn(width * 4, width, 1, 1) * 0.3
+            for i, c in ((1, width), (2, width), (3, width * 4)):
+                bn(f"{p}bn{i}", c)
+            if index == 0:
+                state[p + "downsample.0.weight"] = torch.randn(width * 4, c_in, 1, 1) * 0.3
+                bn(p + "downsample.1", width * 4)
+            c_in = width * 4
+    return state
+
+
+@pytest.mark.parametrize("dilation", [False, True])
+def test_resnet_bodies_match_an_independent_reference(dilation: bool) -> None:
+    from attnviz.models.resnet import ResNetBody
+
+    image = torch.randn(1, 3, 96, 128)
+    for state in (bottleneck_body(), _sample_body()):
+        body = ResNetBody({k: tuple(v.shape) for k, v in state.items()}, dilation=dilation)
+        body.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            got, expected = body.eval()(image), reference_resnet(state, image, dilation)
+        assert got.shape == expected.shape == (1, got.shape[1], 96 // (16 if dilation else 32),
+                                               128 // (16 if dilation else 32))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _sample_body() -> dict[str, torch.Tensor]:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        model = torch.load(SAMPLES / "detr_shapes.pth", weights_only=True)["model"]
+    return {k[len("backbone.0.body."):]: v for k, v in model.items()
+            if k.startswith("backbone.0.body.")}
+
+
+def test_trained_samples_match_the_reference_forwards() -> None:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        vit_state = torch.load(SAMPLES / "vit_shapes.pth", weights_only=True)["model"]
+        detr_state = torch.load(SAMPLES / "detr_shapes.pth", weights_only=True)["model"]
+    ckpt = load_checkpoint(SAMPLES / "vit_shapes.pth")
+    vit, spec = load_vit(ckpt, analyse(ckpt))
+    images = torch.randn(2, 3, *spec.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(images), reference_vit(vit_state, images, spec.heads,
+                                                              spec.patch), atol=1e-4, rtol=1e-4)
+    ckpt = load_checkpoint(SAMPLES / "detr_shapes.pth")
+    detr, detr_spec = load_detr(ckpt, analyse(ckpt))
+    image = torch.randn(1, 3, 96, 128)
+    body = {k[len("backbone.0.body."):]: v for k, v in detr_state.items()
+            if k.startswith("backbone.0.body.")}
+    with torch.no_grad():
+        out = detr(image)
+        features = F.conv2d(reference_resnet(body, image, detr_spec.dilation),
+                            detr_state["input_proj.weight"], detr_state["input_proj.bias"])
+    assert detr_spec.encoder_layers == detr_spec.decoder_layers == 2
+    fh, fw = features.shape[-2:]
+    assert out.feature_size == (fh, fw)
+    pos = sine_positions(fh, fw, detr_spec.hidden // 2).flatten(1).T.unsqueeze(1)
+    hidden = reference_detr_transformer(detr_state, features.flatten(2).permute(2, 0, 1), pos,
+                                        detr_spec.heads)
+    logits = F.linear(hidden.transpose(0, 1), detr_state["class_embed.weight"],
+                      detr_state["class_embed.bias"])
+    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-4)
