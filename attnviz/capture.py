@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from attnviz.capture_math import bind_sdpa, mha_scores, sdpa_scores, to_bhls
-from attnviz.errors import AttnvizError, UsageError
+from attnviz.errors import AttnvizError, UsageError, did_you_mean
 from attnviz.layouts import find_attention_layers
 
 SOFTMAX_FUNCS = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
@@ -221,9 +221,9 @@ def _select(model: nn.Module, layers: Sequence[str] | None) -> set[str]:
     chosen = {n for n in candidates if matches(n)} or {
         n for n, _ in model.named_modules() if matches(n)}
     if not chosen:
-        hint = ", ".join(candidates[:6]) or "none recognised"
+        listing = f"attention modules: {', '.join(candidates[:6]) or 'none recognised'}"
         raise UsageError(f"layers {list(layers)} match no module of the model",
-                         hint=f"attention modules: {hint}")
+                         hint=did_you_mean(layers[0], candidates, listing))
     return chosen
 
 

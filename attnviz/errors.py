@@ -38,6 +38,14 @@ def with_path(error: AttnvizError, path: str | Path, hint: str | None = None) ->
     return type(error)(error.message, path=path, hint=error.hint or hint)
 
 
+def did_you_mean(given: str, names: list[str], fallback: str) -> str:
+    """A hint naming the closest of ``names`` to what the user typed, else ``fallback``."""
+    import difflib
+
+    close = difflib.get_close_matches(given.replace("*", ""), names, n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else fallback
+
+
 class UsageError(AttnvizError):
     """Bad flags or flag combinations."""
 

@@ -26,6 +26,7 @@ from attnviz.errors import (
     HeadsError,
     NoAttentionError,
     UsageError,
+    did_you_mean,
 )
 from attnviz.heads import HeadsInfo
 from attnviz.inspection import LayerReport, inspect_checkpoint
@@ -148,9 +149,10 @@ def _select(items: list[LayerReport], pattern: str | None, path: Path) -> list[L
         raise NoAttentionError("no attention layers recognised, nothing to split", path=path,
                                hint="run 'attnviz inspect' to see what the file holds")
     if not chosen:
-        names = ", ".join(i.layer.display_name for i in items[:6])
+        names = [i.layer.display_name for i in items]
         raise UsageError(f"--layers '{pattern}' matches no attention layer",
-                         hint=f"layers are named like: {names}")
+                         hint=did_you_mean(str(pattern), names,
+                                           f"layers are named like: {', '.join(names[:6])}"))
     unknown = [i.layer.display_name for i in chosen if i.heads.num_heads is None]
     if unknown:
         raise HeadsError(f"number of heads unknown for {len(unknown)} layer(s), e.g. "

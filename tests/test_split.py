@@ -393,3 +393,11 @@ def test_split_without_verify_does_not_import_torch(tmp_path: Path) -> None:
                            "-o", str(out)], capture_output=True, text=True, check=False)
     assert "TORCH False" in done.stderr, done.stderr[-2000:]
     assert len(load_file(str(out))) == 174
+
+
+def test_layers_typo_gets_a_did_you_mean(tmp_path: Path) -> None:
+    code, _, err = cli("split-qkv", str(SAMPLES / "detr_tiny.pth"), "-o",
+                       str(tmp_path / "x.safetensors"), "--layers",
+                       "transformer.decoder.layers.1.multihead_atn")
+    assert code == 2
+    assert "did you mean 'transformer.decoder.layers.1.multihead_attn'" in err
