@@ -6,6 +6,7 @@ the list of storage keys, then per key an int64 element count followed by the ra
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -19,6 +20,43 @@ from attnviz.limits import LIMITS
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 HINT = "the file is damaged or not a torch checkpoint"
+
+
+class BoundedReader(io.RawIOBase):
+    """A file whose reads never ask for more than what is left in it.
+
+    A pickle opcode declares its payload length (``BINUNICODE4``, ``BINBYTES8``): a damaged or
+    hostile length must not make ``read(n)`` allocate n bytes before finding the file short.
+    """
+
+    def __init__(self, handle: IO[bytes], size: int) -> None:
+        super().__init__()
+        self._handle, self._size = handle, size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._handle.seek(offset, whence)
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = max(0, self._size - self._handle.tell())
+        return self._handle.read(left if size is None or size < 0 else min(size, left))
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        left = max(0, self._size - self._handle.tell())
+        return self._handle.readline(left if size is None or size < 0 else min(size, left))
 
 
 def _plain_pickle(handle: IO[bytes], path: Path, what: str) -> Any:
@@ -39,7 +77,8 @@ def _plain_pickle(handle: IO[bytes], path: Path, what: str) -> Any:
 
 def read_torch_legacy(path: Path) -> LoadedFile:
     file_size = path.stat().st_size
-    with path.open("rb") as handle:
+    with path.open("rb") as raw_handle:
+        handle: IO[bytes] = BoundedReader(raw_handle, file_size)  # type: ignore[assignment]
         magic = _plain_pickle(handle, path, "magic number")
         if magic != LEGACY_MAGIC:
             raise CorruptCheckpointError("a pickle, but without the torch magic number", path=path,
