@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= demo_output
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint typecheck samples bench clean
+.PHONY: install demo test lint typecheck browser samples bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) scripts/demo.py $(OUT)
+	$(VENV)/bin/attnviz demo --output $(OUT) --force
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -27,8 +27,14 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: lint typecheck
-	$(VENV)/bin/pytest
+# the report tests open pages in headless Chromium (Debian's package; root or sudo installs it)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the report tests"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: lint typecheck browser
+	ATTNVIZ_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
 
 samples: install
 	$(PY) scripts/make_samples.py

@@ -16,8 +16,8 @@ from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint, load_checkpoint
 from attnviz.errors import UsageError
-from attnviz.inspection import analyse
-from attnviz.models.sources import load_model
+from attnviz.inspection import InspectReport, analyse
+from attnviz.models.sources import LoadedModel, load_model
 from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare
 
 VIEWS = ("auto", "matrix", "grid")
@@ -72,7 +72,7 @@ def parse_selector(text: str, count: int, what: str) -> list[int] | None:
     return resolved
 
 
-def _labels(length: int, source: list[str], target: list[str]) -> list[str]:
+def token_labels(length: int, source: list[str], target: list[str]) -> list[str]:
     if target and length == len(target) and length != len(source):
         return target
     if length == len(source):
@@ -141,12 +141,9 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
         raise UsageError(f"--view is one of {VIEWS}, --scale one of {SCALES}")
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force)
-    report = analyse(ckpt, heads)
-    loaded = load_model(path, ckpt, report, factory=factory, strict=strict,
-                        norm_first=norm_first, activation=activation)
-    prepared = prepare(loaded, request)
-    with torch.no_grad(), capture_attention(loaded.model) as maps:
-        prepared.run()
+    maps, prepared, loaded = capture_sequence(path, ckpt, analyse(ckpt, heads), request,
+                                              factory=factory, strict=strict,
+                                              norm_first=norm_first, activation=activation)
     rows, row_titles, col_titles = select_panels(maps, options)
     view = options.view
     if view == "auto":
@@ -166,6 +163,19 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
     return result
 
 
+def capture_sequence(path: Path, ckpt: Checkpoint, report: InspectReport,
+                     request: SequenceRequest, *, factory: str | None = None,
+                     strict: bool = True, norm_first: bool = False, activation: str = "relu"
+                     ) -> tuple[AttentionMaps, PreparedCall, LoadedModel]:
+    """Load or rebuild the model, prepare the request's inputs and run it under capture."""
+    loaded = load_model(path, ckpt, report, factory=factory, strict=strict,
+                        norm_first=norm_first, activation=activation)
+    prepared = prepare(loaded, request)
+    with torch.no_grad(), capture_attention(loaded.model) as maps:
+        prepared.run()
+    return maps, prepared, loaded
+
+
 def _render(rows: list[list[torch.Tensor]], row_titles: list[str], col_titles: list[str],
             prepared: PreparedCall, output: Path, view: str, options: HeatmapOptions) -> None:
     from attnviz import render
@@ -175,9 +185,9 @@ def _render(rows: list[list[torch.Tensor]], row_titles: list[str], col_titles: l
         if view == "matrix":
             matrix = rows[0][0].float().numpy()
             title = options.title or f"{row_titles[0]} · {col_titles[0]}"
-            render.render_matrix(matrix, _labels(matrix.shape[0], prepared.source_labels,
+            render.render_matrix(matrix, token_labels(matrix.shape[0], prepared.source_labels,
                                                  prepared.target_labels),
-                                 _labels(matrix.shape[1], prepared.source_labels,
+                                 token_labels(matrix.shape[1], prepared.source_labels,
                                          prepared.target_labels),
                                  temp, fmt, title=title, cmap=options.cmap)
         else:

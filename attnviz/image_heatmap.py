@@ -53,8 +53,10 @@ class Figure:
     title: str
     vmax: float
     boxes: list[list[tuple[tuple[float, float, float, float], str] | None]] | None = None
-    points: tuple[tuple[float, float], ...] = ()
+    points: tuple[tuple[tuple[float, float], ...], ...] = ()  # reference pixels, per row
     metadata: dict[str, str] | None = None
+    heats: list[list[np.ndarray | None]] | None = None  # the raw (h, w) map behind each panel
+    image: np.ndarray | None = None  # (H, W, 3) uint8: the model's input pixels
 
 
 def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOptions, *,
@@ -66,17 +68,7 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
         raise UsageError(f"--view with --image is one of {', '.join(VIEWS)}")
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force)
-    report = analyse(ckpt, heads)
-    if is_hf_directory(path):
-        figure, maps, description = _hf_vision(path, options)
-    elif "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
-        figure, maps, description = _detr(ckpt, report, options)
-    elif "patch_embed.proj.weight" in ckpt.tensors:
-        figure, maps, description = _vit(ckpt, report, options)
-    else:
-        raise UsageError("--image needs a ViT (timm layout: patch_embed, blocks.N.attn.qkv) or "
-                         "a DETR (official layout) checkpoint", path=path,
-                         hint="for sequence models use --text/--tokens/--input/--seq-len")
+    figure, maps, description = image_figure(path, ckpt, analyse(ckpt, heads), options)
     from attnviz import render
 
     with atomic_output(output) as temp:
@@ -98,6 +90,21 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
             save_file({n: t.contiguous() for n, t in maps.items()}, str(temp), metadata=metadata)
         result.maps_file = maps_path
     return result
+
+
+def image_figure(path: Path, ckpt: Checkpoint, report: Any, options: ImageOptions
+                 ) -> tuple[Figure, AttentionMaps, str]:
+    """Rebuild the vision model the checkpoint holds, run it on the image under capture, and
+    lay out its figure: (figure, every captured map, a one-line model description)."""
+    if is_hf_directory(path):
+        return _hf_vision(path, options)
+    if "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
+        return _detr(ckpt, report, options)
+    if "patch_embed.proj.weight" in ckpt.tensors:
+        return _vit(ckpt, report, options)
+    raise UsageError("--image needs a ViT (timm layout: patch_embed, blocks.N.attn.qkv) or "
+                     "a DETR (official layout) checkpoint", path=path,
+                     hint="for sequence models use --text/--tokens/--input/--seq-len")
 
 
 def _heads(options: ImageOptions, count: int, default: str) -> list[int] | None:
@@ -154,7 +161,7 @@ def _vit_figure(maps: AttentionMaps, names: list[str], grid: tuple[int, int], pr
         title = (f"attention rollout over {len(names)} blocks (head fusion "
                  f"{options.head_fusion}, discard ratio {options.discard_ratio:g})")
         return Figure([[pixels, panel]], [["image", "rollout: CLS attention"]], title, vmax,
-                      metadata=meta)
+                      metadata=meta, heats=[[None, heat]], image=image_pixels)
     layer_ids = parse_selector(options.layer or "-1", len(names), "layer")
     head_ids = _heads(options, heads, "all")
     rows: list[tuple[str, list[tuple[str, Any]]]] = []
@@ -168,7 +175,8 @@ def _vit_figure(maps: AttentionMaps, names: list[str], grid: tuple[int, int], pr
                for _, h in heads] for _, heads in rows]
     titles = [[f"{name} · {t}" for t, _ in heads] for name, heads in rows]
     title = "CLS attention to each patch" if has_cls else "mean attention to each patch"
-    return Figure(panels, titles, title, vmax, metadata=meta)
+    heats: list[list[np.ndarray | None]] = [[h for _, h in heads] for _, heads in rows]
+    return Figure(panels, titles, title, vmax, metadata=meta, heats=heats, image=image_pixels)
 
 
 def _class_names(ckpt: Checkpoint, classes: int) -> list[str]:
@@ -245,7 +253,8 @@ def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Te
         panels = [to_panels(heats, vmax) for _, heats in rows]
         titles = [[f"{layers[chosen[0]]} at {p} · {t}" for t, _ in heats] for p, heats in rows]
         return Figure(panels, titles, "encoder self-attention at reference points", vmax,
-                      points=tuple(points), metadata=meta)
+                      points=tuple((p,) for p in points), metadata=meta,
+                      heats=[[h for _, h in heats] for _, heats in rows], image=image_pixels)
 
     layers = cross_layers
     chosen = parse_selector(options.layer or "-1", len(layers), "layer")
@@ -278,7 +287,10 @@ def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Te
         boxes.append(row + [(box, "")] * len(heats))
     meta["queries"] = json.dumps(queries)
     title = f"{layers[chosen[0]]}: decoder cross-attention per predicted object{note}"
-    return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta)
+    heat_rows: list[list[np.ndarray | None]] = [[None, *(h for _, h in heats)]
+                                                for _, heats in per_query]
+    return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta, heats=heat_rows,
+                  image=image_pixels)
 
 
 def _hf_vision(path: Path, options: ImageOptions) -> tuple[Figure, AttentionMaps, str]:

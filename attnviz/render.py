@@ -158,7 +158,7 @@ Box = tuple[float, float, float, float]
 def render_image_panels(panels: Sequence[Sequence[Matrix]], output: Path, fmt: str, *,
                         title: str, panel_titles: Sequence[Sequence[str]],
                         boxes: Sequence[Sequence[tuple[Box, str] | None]] | None = None,
-                        points: Sequence[tuple[float, float]] = (),
+                        points: Sequence[Sequence[tuple[float, float]]] = (),
                         colorbar: tuple[float, str] | None = None, cmap: str = "inferno",
                         dpi: int = 110) -> None:
     """Equal-size RGB panels in one image; titles, boxes and reference points drawn on top."""
@@ -190,12 +190,18 @@ def render_image_panels(panels: Sequence[Sequence[Matrix]], output: Path, fmt: s
                                        edgecolor="lime", linewidth=1.6))
                 ax.text(x + x0, y + y1, label, fontsize=7, color="black", va="bottom",
                         bbox={"facecolor": "lime", "alpha": 0.8, "pad": 1, "linewidth": 0})
-            for px, py in points:
+            for px, py in points[r] if r < len(points) else ():  # each row its own points
                 ax.plot(x + px, y + py, marker="x", color="cyan", markersize=7, mew=2)
     ax.set_title(title, fontsize=10)
     if colorbar is not None:
         vmax, label = colorbar
         fig.colorbar(ScalarMappable(Normalize(0.0, vmax), colormaps[cmap]), ax=ax, shrink=0.7,
                      label=label)
-    fig.savefig(output, format=fmt)
+    fig.savefig(output, format=fmt, bbox_inches="tight", pad_inches=0.08)  # no white bands
     plt.close(fig)
+
+
+def colormap_lut(name: str) -> list[list[int]]:
+    """A colour map as 256 RGB byte triples, for pages that colour maps themselves."""
+    table = colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3]  # (256, 3) in [0, 1]
+    return np.round(table * 255).astype(np.uint8).tolist()  # type: ignore[no-any-return]

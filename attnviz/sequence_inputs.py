@@ -166,6 +166,10 @@ def _prepare_hf(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
         ids = torch.cat([ids, torch.full((1, request.pad), pad_id)], dim=1)  # (1, L + pad)
         attention = torch.cat([attention, torch.zeros(1, request.pad, dtype=attention.dtype)],
                               dim=1)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and ids.shape[1] > limit:
+        raise UsageError(f"the input is {ids.shape[1]} tokens; this model takes at most {limit} "
+                         "(config.json max_position_embeddings)", hint="shorten --text")
     labels = (tokenizer.convert_ids_to_tokens(ids[0].tolist()) if tokenizer is not None
               else [str(i) for i in ids[0].tolist()])
     return PreparedCall(lambda: model(input_ids=ids, attention_mask=attention), labels,

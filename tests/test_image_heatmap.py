@@ -550,3 +550,16 @@ def test_trained_samples_match_the_reference_forwards() -> None:
     logits = F.linear(hidden.transpose(0, 1), detr_state["class_embed.weight"],
                       detr_state["class_embed.bias"])
     torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_each_point_row_marks_only_its_own_point() -> None:
+    """Two --point rows: each row's panels carry that row's reference pixel alone."""
+    from attnviz.image_heatmap import ImageOptions, image_figure
+
+    path = SAMPLES / "detr_shapes.pth"
+    ckpt = load_checkpoint(path)
+    options = ImageOptions(SAMPLES / "shapes_demo.png", size="128",
+                           points=((64.0, 64.0), (10.0, 100.0)))
+    figure, _, _ = image_figure(path, ckpt, analyse(ckpt), options)
+    assert figure.points == (((64.0, 64.0),), ((10.0, 100.0),))
+    assert len(figure.panels) == 2

@@ -9,29 +9,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from attnviz.formatting import count, size
+
 if TYPE_CHECKING:
     from attnviz.inspection import InspectReport
     from attnviz.split_export import SplitResult
 
 
-def size(num_bytes: int) -> str:
-    value = float(num_bytes)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{value:.1f} TB"
-
-
-def count(number: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if number >= scale:
-            return f"{number / scale:.2f}{unit}"
-    return str(number)
-
-
-def print_inspect(report: InspectReport, *, show_all: bool, tensor_filter: str | None) -> None:
-    console = Console(highlight=False)
+def print_inspect(report: InspectReport, *, show_all: bool, tensor_filter: str | None,
+                  console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
     ckpt = report.checkpoint
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")

@@ -89,6 +89,7 @@ def load_hf_model(path: Path) -> LoadedModel:
         raise UsageError("an HF model directory needs the 'hf' extra",
                          hint="pip install 'attnviz[hf]'") from exc
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no 'Loading' bars
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # attnviz says it
     try:
         model = AutoModel.from_pretrained(path, attn_implementation="sdpa",
                                           local_files_only=True)

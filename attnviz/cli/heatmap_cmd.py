@@ -1,0 +1,142 @@
+"""``attnviz heatmap``: per-head attention maps of one forward pass, drawn to an image file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from attnviz.cli import app
+from attnviz.cli.options import (
+    ActivationOpt,
+    AlphaOpt,
+    CausalOpt,
+    CheckpointArg,
+    ConfigOpt,
+    DiscardOpt,
+    ForceOpt,
+    HeadFusionOpt,
+    HeadsOpt,
+    ImageOpt,
+    InputOpt,
+    KeyOpt,
+    ModelOpt,
+    NormalizeOpt,
+    NormFirstOpt,
+    PadOpt,
+    PointOpt,
+    QueryOpt,
+    SeedOpt,
+    SeqLenOpt,
+    SizeOpt,
+    StrictOpt,
+    TextOpt,
+    TgtInputOpt,
+    TgtSeqLenOpt,
+    ThresholdOpt,
+    TitleOpt,
+    TokensOpt,
+    TopKOpt,
+    check_model_flags,
+    image_options,
+    one_input,
+    sequence_request,
+)
+from attnviz.cli.state import state
+from attnviz.errors import UsageError
+
+
+@app.command()
+def heatmap(
+    ctx: typer.Context,
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Image file: .png, .svg or "
+                                         ".pdf.")],
+    model: ModelOpt = None,
+    strict: StrictOpt = True,
+    heads: HeadsOpt = None,
+    config: ConfigOpt = None,
+    key: KeyOpt = None,
+    text: TextOpt = None,
+    tokens: TokensOpt = None,
+    input_file: InputOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = 0,
+    tgt_input: TgtInputOpt = None,
+    tgt_seq_len: TgtSeqLenOpt = None,
+    causal: CausalOpt = False,
+    pad: PadOpt = 0,
+    image: ImageOpt = None,
+    size: SizeOpt = None,
+    normalize: NormalizeOpt = True,
+    top_k: TopKOpt = 3,
+    threshold: ThresholdOpt = 0.7,
+    query: QueryOpt = None,
+    point: PointOpt = None,
+    head_fusion: HeadFusionOpt = "mean",
+    discard_ratio: DiscardOpt = 0.0,
+    alpha: AlphaOpt = 0.55,
+    smooth: Annotated[bool, typer.Option("--smooth", help="Bilinear instead of per-patch "
+                                         "upsampling.")] = False,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="Layers: index, range 0-3, list, all, mean (default: all; images: the "
+        "last).")] = None,
+    head: Annotated[str | None, typer.Option(
+        "--head", help="Heads: index, range, list, all, mean (default: all; DETR: mean).")]
+    = None,
+    view: Annotated[str, typer.Option("--view", help="auto, matrix (one map with token "
+                                      "labels), grid (layer x head); images: overlay or "
+                                      "rollout.")] = "auto",
+    scale: Annotated[str, typer.Option("--scale", help="Colour scale: shared or panel.")]
+    = "shared",
+    batch_index: Annotated[int, typer.Option("--batch-index", help="Batch item to draw.")] = 0,
+    title: TitleOpt = None,
+    save_maps: Annotated[Path | None, typer.Option(
+        "--save-maps", help="Also write the raw maps (B, H, Lq, Lk) to this .safetensors.")]
+    = None,
+    norm_first: NormFirstOpt = False,
+    activation: ActivationOpt = "relu",
+    force: ForceOpt = False,
+) -> None:
+    """Per-head attention maps of a forward pass, drawn as heatmaps (sequences or images)."""
+    one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
+    st = state(ctx)
+    if save_maps is not None and save_maps.suffix != ".safetensors":
+        raise UsageError("--save-maps writes safetensors: use a .safetensors file name")
+    if image is not None:
+        if model is not None:
+            raise UsageError("--image rebuilds ViT/DETR from the checkpoint; drop --model")
+        from attnviz.image_heatmap import image_heatmap
+
+        options = image_options(image, size=size, normalize=normalize, layer=layer, head=head,
+                                view=view, top_k=top_k, threshold=threshold, query=query,
+                                point=point, head_fusion=head_fusion,
+                                discard_ratio=discard_ratio, alpha=alpha, smooth=smooth,
+                                title=title)
+        with st.step("rebuilt the model, captured and rendered"):
+            result = image_heatmap(checkpoint, output, options, heads=tuple(heads or ()),
+                                   config=config, key=key, save_maps=save_maps, force=force)
+        st.say(f"model: {result.model}")
+        st.say(f"wrote {result.output} ({len(result.layers)} row(s) x {len(result.heads)} "
+               "panel(s))" + (f" and {result.maps_file}" if result.maps_file else ""))
+        return
+    check_model_flags(model, strict, activation, config)
+    from attnviz.heatmap import HeatmapOptions, sequence_heatmap
+
+    request = sequence_request(text=text, tokens=tokens, input_file=input_file,
+                               seq_len=seq_len, seed=seed, tgt_input=tgt_input,
+                               tgt_seq_len=tgt_seq_len, causal=causal, pad=pad)
+    heat_options = HeatmapOptions(layer=layer or "all", head=head or "all", view=view,
+                                  scale=scale, batch_index=batch_index, title=title)
+    with st.step("loaded the model, captured and rendered"):
+        seq = sequence_heatmap(checkpoint, output, request, options=heat_options, factory=model,
+                               strict=strict, heads=heads or (), config=config, key=key,
+                               save_maps=save_maps, force=force, norm_first=norm_first,
+                               activation=activation)
+    st.say(f"model: {seq.model}")
+    for note in seq.notes:
+        st.say(f"note: {note}")
+    st.say(f"wrote {seq.output} ({seq.view}: {len(seq.layers)} layer row(s) x "
+           f"{len(seq.heads)} head column(s))"
+           + (f" and {seq.maps_file}" if seq.maps_file else ""))

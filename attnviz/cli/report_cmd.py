@@ -1,0 +1,130 @@
+"""``attnviz report``: one self-contained HTML file to explore every head of a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from attnviz.cli import app
+from attnviz.cli.options import (
+    ActivationOpt,
+    AlphaOpt,
+    CausalOpt,
+    CheckpointArg,
+    ConfigOpt,
+    DiscardOpt,
+    ForceOpt,
+    HeadFusionOpt,
+    HeadsOpt,
+    ImageOpt,
+    InputOpt,
+    KeyOpt,
+    ModelOpt,
+    NormalizeOpt,
+    NormFirstOpt,
+    PadOpt,
+    PointOpt,
+    QueryOpt,
+    SeedOpt,
+    SeqLenOpt,
+    SizeOpt,
+    StrictOpt,
+    TextOpt,
+    TgtInputOpt,
+    TgtSeqLenOpt,
+    ThresholdOpt,
+    TitleOpt,
+    TokensOpt,
+    TopKOpt,
+    check_model_flags,
+    image_options,
+    one_input,
+    sequence_request,
+)
+from attnviz.cli.state import state
+from attnviz.errors import UsageError
+from attnviz.formatting import size as human_size
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")],
+    model: ModelOpt = None,
+    strict: StrictOpt = True,
+    heads: HeadsOpt = None,
+    config: ConfigOpt = None,
+    key: KeyOpt = None,
+    text: TextOpt = None,
+    tokens: TokensOpt = None,
+    input_file: InputOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = 0,
+    tgt_input: TgtInputOpt = None,
+    tgt_seq_len: TgtSeqLenOpt = None,
+    causal: CausalOpt = False,
+    pad: PadOpt = 0,
+    image: ImageOpt = None,
+    size: SizeOpt = None,
+    normalize: NormalizeOpt = True,
+    top_k: TopKOpt = 3,
+    threshold: ThresholdOpt = 0.7,
+    query: QueryOpt = None,
+    point: PointOpt = None,
+    head_fusion: HeadFusionOpt = "mean",
+    discard_ratio: DiscardOpt = 0.0,
+    alpha: AlphaOpt = 0.55,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="Images: layers for the overlays (default: every ViT block; DETR: the "
+        "last decoder layer). The attention grid always shows every layer.")] = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Maps longer than this are averaged in k x k token blocks to fit "
+        "(keeps a 12x12-head, 512-token report small).")] = 256,
+    norms: Annotated[bool, typer.Option("--norms/--no-norms", help="Per-head weight norms "
+                                        "(reads the attention weights).")] = True,
+    title: TitleOpt = None,
+    norm_first: NormFirstOpt = False,
+    activation: ActivationOpt = "relu",
+    force: ForceOpt = False,
+) -> None:
+    """One offline HTML page: summary, layer x head grid, token hover, overlays, weight norms."""
+    one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
+    st = state(ctx)
+    from attnviz.report import ReportOptions, build_report
+
+    options = ReportOptions(max_tokens=max_tokens, title=title, norms=norms, alpha=alpha)
+    if image is not None:
+        if model is not None:
+            raise UsageError("--image rebuilds ViT/DETR from the checkpoint; drop --model")
+        vision = image_options(image, size=size, normalize=normalize, layer=layer, head="all",
+                               view="overlay", top_k=top_k, threshold=threshold, query=query,
+                               point=point, head_fusion=head_fusion,
+                               discard_ratio=discard_ratio, alpha=alpha)
+        with st.step("captured and wrote the report"):
+            result = build_report(checkpoint, output, image=vision, options=options,
+                                  heads=heads or (), config=config, key=key, force=force)
+    else:
+        if layer is not None:
+            raise UsageError("--layer picks the image overlays; sequence reports show every "
+                             "layer")
+        check_model_flags(model, strict, activation, config)
+        given = any(v is not None for v in (text, tokens, input_file, seq_len))
+        request = sequence_request(text=text, tokens=tokens, input_file=input_file,
+                                   seq_len=seq_len, seed=seed, tgt_input=tgt_input,
+                                   tgt_seq_len=tgt_seq_len, causal=causal,
+                                   pad=pad) if given else None
+        with st.step("captured and wrote the report"):
+            result = build_report(checkpoint, output, request=request, options=options,
+                                  factory=model, strict=strict, heads=heads or (),
+                                  config=config, key=key, force=force, norm_first=norm_first,
+                                  activation=activation)
+    if result.model:
+        st.say(f"model: {result.model}")
+    for note in result.notes:
+        st.say(f"note: {note}")
+    st.say(f"wrote {result.output} ({result.layers} layers, {result.heads} head maps"
+           + (f", {result.overlays} overlays" if result.overlays else "")
+           + f", {human_size(result.bytes_written)}); open it in a browser")

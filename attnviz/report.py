@@ -1,0 +1,138 @@
+"""``attnviz report``: one forward pass (a sequence or an image) under capture, plus the
+checkpoint's summary and per-head weight norms, written as one self-contained HTML file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnviz.atomic import atomic_output, check_output_path
+from attnviz.capture import AttentionMaps
+from attnviz.checkpoint import Checkpoint, load_checkpoint
+from attnviz.errors import UsageError
+from attnviz.image_heatmap import ImageOptions
+from attnviz.inspection import InspectReport, analyse
+from attnviz.report_data import (
+    DEFAULT_MAX_TOKENS,
+    OverlayCell,
+    ReportData,
+    encode_map,
+    head_norms,
+    layer_rows,
+    map_layers,
+    summary_rows,
+    vision_labels,
+    vision_section,
+)
+from attnviz.sequence_inputs import SequenceRequest
+
+REPORT_SUFFIXES = (".html", ".htm")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    title: str | None = None
+    norms: bool = True
+    alpha: float = 0.55
+
+
+@dataclass
+class ReportResult:
+    output: Path
+    layers: int  # captured attention modules drawn
+    heads: int  # head maps drawn
+    overlays: int
+    bytes_written: int
+    model: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def is_detr_checkpoint(path: Path, ckpt: Checkpoint) -> bool:
+    if "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
+        return True
+    return "detr" in str((ckpt.config or {}).get("model_type", "")) and path.is_dir()
+
+
+def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageOptions,
+            data: ReportData) -> tuple[AttentionMaps, Callable[[int], list[str]]]:
+    from dataclasses import replace
+
+    from attnviz.image_heatmap import image_figure
+    from attnviz.rollout import attention_rollout
+
+    if options.layer is None and not is_detr_checkpoint(path, ckpt):
+        options = replace(options, layer="all")  # a ViT's CLS overlays for every block
+    figure, maps, description = image_figure(path, ckpt, report, options)
+    data.model = description
+    data.vision = vision_section(figure)
+    meta = figure.metadata or {}
+    if "grid" in meta:  # a ViT: add the rollout over every block
+        import json
+
+        grid, prefix = json.loads(meta["grid"]), int(meta["prefix_tokens"])
+        names = [n for n in maps if maps[n].shape[-1] == maps[n].shape[-2]]
+        rolled = attention_rollout([maps[n] for n in names], head_fusion=options.head_fusion,
+                                   discard_ratio=options.discard_ratio)  # (1, T, T)
+        heat = rolled[0, 0, prefix:].reshape(grid).numpy() if prefix else \
+            rolled[0].mean(0)[prefix:].reshape(grid).numpy()  # (gh, gw)
+        data.vision.rows.append([OverlayCell("rollout · image", None),
+                                 OverlayCell(f"rollout · {len(names)} blocks, "
+                                             f"{options.head_fusion} fusion", encode_map(heat))])
+    return maps, vision_labels(figure.metadata)
+
+
+def build_report(checkpoint: str | Path, output: str | Path, *,
+                 request: SequenceRequest | None = None, image: ImageOptions | None = None,
+                 options: ReportOptions = ReportOptions(), factory: str | None = None,
+                 strict: bool = True, heads: Iterable[str] = (),
+                 config: str | Path | None = None, key: str | None = None, force: bool = False,
+                 norm_first: bool = False, activation: str = "relu") -> ReportResult:
+    """Capture, lay out and write the report; raises ``AttnvizError`` on bad input."""
+    path, output = Path(checkpoint), Path(output)
+    if output.suffix.lower() not in REPORT_SUFFIXES:
+        raise UsageError(f"-o {output.name}: the report is HTML; use a .html file name")
+    if request is not None and image is not None:
+        raise UsageError("give a sequence input or --image, not both")
+    if not 0.0 <= options.alpha <= 1.0:
+        raise UsageError(f"--alpha {options.alpha:g}: use a value in [0, 1]")
+    ckpt = load_checkpoint(path, key=key, config=config)
+    check_output_path(output, [path, *ckpt.files], force=force)
+    report = analyse(ckpt, heads)
+    data = ReportData(title=options.title or f"attnviz report: {path.name or path}",
+                      source=str(path), summary=summary_rows(ckpt, report),
+                      layers=layer_rows(report), warnings=list(report.warnings),
+                      max_tokens=options.max_tokens)
+    maps: AttentionMaps | None = None
+    labels: Callable[[int], list[str]] = vision_labels(None)
+    if image is not None:
+        maps, labels = _vision(path, ckpt, report, image, data)
+    elif request is not None:
+        from attnviz.heatmap import capture_sequence, token_labels
+
+        maps, prepared, loaded = capture_sequence(path, ckpt, report, request, factory=factory,
+                                                  strict=strict, norm_first=norm_first,
+                                                  activation=activation)
+        data.model, data.notes = loaded.description, list(loaded.notes)
+        source, target = prepared.source_labels, prepared.target_labels
+        labels = lambda length: token_labels(length, source, target)  # noqa: E731
+    else:
+        data.notes.append("no input given: pass --text, --tokens, --input, --seq-len or --image "
+                          "for attention maps")
+    if maps is not None:
+        data.maps = map_layers(maps, labels, max_tokens=options.max_tokens)
+        if maps.missed:
+            data.notes.append(f"no map from {len(maps.missed)} attention module(s): "
+                              f"{', '.join(maps.missed[:4])}")
+    if options.norms:
+        data.norms, skipped = head_norms(ckpt, report)
+        data.notes += skipped
+    from attnviz.report_html import render_html
+
+    page = render_html(data, alpha=options.alpha)
+    with atomic_output(output) as temp:
+        temp.write_text(page, encoding="utf-8")
+    overlays = sum(len(r) for r in data.vision.rows) if data.vision else 0
+    return ReportResult(output, len(data.maps), data.head_count, overlays,
+                        output.stat().st_size, data.model, data.notes)

@@ -1,0 +1,367 @@
+// attnviz report: draws the maps carried in #attnviz-data. No network, no libraries.
+// body[data-ready] turns "1" once every image is drawn; body[data-heads] counts head thumbnails,
+// body[data-errors] counts script errors (the browser test reads these).
+(function () {
+  "use strict";
+  const body = document.body;
+  const errors = [];
+  function fail(message) {
+    errors.push(message);
+    body.dataset.errors = String(errors.length);
+    const box = document.getElementById("errors");
+    box.hidden = false;
+    box.textContent = "report script error: " + errors.join("\n");
+  }
+  window.addEventListener("error", (event) => fail(String(event.message || event)));
+  window.addEventListener("unhandledrejection", (event) => fail(String(event.reason)));
+
+  const data = JSON.parse(document.getElementById("attnviz-data").textContent);
+  const MASKED = [220, 220, 220];
+
+  // A stored map -> {w, h, grey, alpha}: grey 255 is the head's maximum, alpha 0 is masked.
+  function decode(b64) {
+    return new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => {
+        const canvas = document.createElement("canvas");
+        canvas.width = img.width;
+        canvas.height = img.height;
+        const ctx = canvas.getContext("2d", { willReadFrequently: true });
+        ctx.drawImage(img, 0, 0);
+        const px = ctx.getImageData(0, 0, img.width, img.height).data;
+        const n = img.width * img.height;
+        const grey = new Uint8Array(n);
+        const alpha = new Uint8Array(n);
+        for (let i = 0; i < n; i++) {
+          grey[i] = px[4 * i];
+          alpha[i] = px[4 * i + 3];
+        }
+        resolve({ w: img.width, h: img.height, grey: grey, alpha: alpha });
+      };
+      img.onerror = () => reject(new Error("a stored map image does not decode"));
+      img.src = "data:image/png;base64," + b64;
+    });
+  }
+
+  function colour(map, lut, masked) {
+    const canvas = document.createElement("canvas");
+    paint(canvas, map, lut, masked);
+    return canvas;
+  }
+
+  function paint(canvas, map, lut, masked) {
+    canvas.width = map.w;
+    canvas.height = map.h;
+    const ctx = canvas.getContext("2d");
+    const out = ctx.createImageData(map.w, map.h);
+    for (let i = 0; i < map.w * map.h; i++) {
+      const c = masked && map.alpha[i] === 0 ? MASKED : lut[map.grey[i]];
+      out.data[4 * i] = c[0];
+      out.data[4 * i + 1] = c[1];
+      out.data[4 * i + 2] = c[2];
+      out.data[4 * i + 3] = 255;
+    }
+    ctx.putImageData(out, 0, 0);
+  }
+
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  // ---- the layer x head grid -------------------------------------------------------------
+  const decoded = data.maps.map((layer) => layer.heads.map(() => null));
+  let drawnHeads = 0;
+
+  async function drawGrid() {
+    const grid = document.getElementById("grid");
+    if (!grid) return;
+    const jobs = [];
+    data.maps.forEach((layer, l) => {
+      const row = el("div", "grid-row");
+      row.appendChild(el("div", "name", layer.name));
+      layer.heads.forEach((head, h) => {
+        const cell = el("div", "head-cell");
+        const canvas = el("canvas", "thumb");
+        canvas.title = layer.name + " · head " + h + " · max " + head.max.toPrecision(3);
+        canvas.dataset.layer = String(l);
+        canvas.dataset.head = String(h);
+        canvas.addEventListener("click", () => openDetail(l, h));
+        cell.appendChild(canvas);
+        cell.appendChild(el("div", "", "h" + h));
+        row.appendChild(cell);
+        jobs.push(decode(head.png).then((map) => {
+          decoded[l][h] = map;
+          paint(canvas, map, data.lut.map, true);
+          drawnHeads += 1;
+        }));
+      });
+      grid.appendChild(row);
+    });
+    await Promise.all(jobs);
+    body.dataset.heads = String(drawnHeads);
+  }
+
+  // ---- one head, enlarged, with its tokens ---------------------------------------------------
+  const detail = document.getElementById("detail");
+  const big = document.getElementById("big");
+  const readout = document.getElementById("readout");
+  let current = null; // {l, h}
+
+  function value(map, head, row, col) {
+    const i = row * map.w + col;
+    return map.alpha[i] === 0 ? null : (map.grey[i] / 255) * head.max;
+  }
+
+  function fmt(v) {
+    return v === null ? "masked" : v.toPrecision(3);
+  }
+
+  function tokenList(container, labels, count, block) {
+    container.textContent = "";
+    const shown = Math.min(count, labels.length);
+    for (let i = 0; i < shown; i++) {
+      const span = el("span", "tok", labels[i]);
+      span.dataset.index = String(i);
+      span.dataset.cell = String(Math.floor(i / block));
+      container.appendChild(span);
+    }
+    return Array.from(container.children);
+  }
+
+  function shade(spans, weights) {
+    let top = 0;
+    for (const w of weights) if (w !== null && w > top) top = w;
+    spans.forEach((span) => {
+      const w = weights[Number(span.dataset.cell)];
+      const a = w === null || top === 0 ? 0 : w / top;
+      span.style.background = a > 0 ? "rgba(217, 72, 15, " + (0.08 + 0.82 * a).toFixed(3) + ")" : "";
+      span.style.color = a > 0.6 ? "#fff" : "";
+    });
+  }
+
+  function clearTokens(spans) {
+    spans.forEach((span) => {
+      span.style.background = "";
+      span.style.color = "";
+      span.classList.remove("active");
+    });
+  }
+
+  let qSpans = [];
+  let kSpans = [];
+
+  function focusQuery(index) {
+    const { l, h } = current;
+    const layer = data.maps[l];
+    const map = decoded[l][h];
+    const row = Math.floor(index / layer.block);
+    if (!map || row >= map.h) return;
+    const weights = [];
+    for (let c = 0; c < map.w; c++) weights.push(value(map, layer.heads[h], row, c));
+    clearTokens(qSpans);
+    if (qSpans[index]) qSpans[index].classList.add("active");
+    shade(kSpans, weights);
+    const label = data.labels[layer.qlabels][index];
+    readout.textContent = "query " + index + " " + JSON.stringify(label) +
+      " attends to the keys shaded on the right (row maximum " +
+      fmt(Math.max(...weights.map((w) => w || 0))) + ")";
+    body.dataset.focus = "q" + index;
+  }
+
+  function focusKey(index) {
+    const { l, h } = current;
+    const layer = data.maps[l];
+    const map = decoded[l][h];
+    const col = Math.floor(index / layer.block);
+    if (!map || col >= map.w) return;
+    const weights = [];
+    for (let r = 0; r < map.h; r++) weights.push(value(map, layer.heads[h], r, col));
+    clearTokens(kSpans);
+    if (kSpans[index]) kSpans[index].classList.add("active");
+    shade(qSpans, weights);
+    const label = data.labels[layer.klabels][index];
+    readout.textContent = "key " + index + " " + JSON.stringify(label) +
+      " is attended by the queries shaded on the left";
+    body.dataset.focus = "k" + index;
+  }
+
+  function openDetail(l, h) {
+    const layer = data.maps[l];
+    if (!layer || !layer.heads[h]) return;
+    current = { l: l, h: h };
+    const map = decoded[l][h];
+    const head = layer.heads[h];
+    if (map) paint(big, map, data.lut.map, true);
+    const scale = Math.min(560 / Math.max(map ? map.w : 1, map ? map.h : 1), 1e6);
+    big.style.height = map ? Math.round(map.h * scale) + "px" : "";
+    big.style.width = map ? Math.round(map.w * scale) + "px" : "";
+    document.getElementById("detail-title").textContent = layer.name + " · head " + h + " (0–" +
+      (layer.heads.length - 1) + ") · " + layer.q + " queries × " + layer.k + " keys · max " +
+      head.max.toPrecision(3) + (layer.block > 1 ? " · " + layer.block + "×" + layer.block +
+      " blocks" : "");
+    qSpans = tokenList(document.getElementById("qtokens"), data.labels[layer.qlabels], layer.q,
+      layer.block);
+    kSpans = tokenList(document.getElementById("ktokens"), data.labels[layer.klabels], layer.k,
+      layer.block);
+    qSpans.forEach((span, i) => span.addEventListener("mouseenter", () => focusQuery(i)));
+    kSpans.forEach((span, i) => span.addEventListener("mouseenter", () => focusKey(i)));
+    readout.textContent = "hover the map or a token";
+    detail.hidden = false;
+    detail.dataset.open = "L" + l + "H" + h;
+    detail.dataset.queries = String(qSpans.length);
+    detail.dataset.keys = String(kSpans.length);
+    if (location.hash !== "#L" + l + "H" + h) history.replaceState(null, "", "#L" + l + "H" + h);
+  }
+
+  function closeDetail() {
+    detail.hidden = true;
+    current = null;
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+
+  function step(delta) {
+    if (!current) return;
+    const flat = [];
+    data.maps.forEach((layer, l) => layer.heads.forEach((_, h) => flat.push([l, h])));
+    const at = flat.findIndex(([l, h]) => l === current.l && h === current.h);
+    const next = flat[(at + delta + flat.length) % flat.length];
+    openDetail(next[0], next[1]);
+  }
+
+  big.addEventListener("mousemove", (event) => {
+    if (!current) return;
+    const { l, h } = current;
+    const layer = data.maps[l];
+    const map = decoded[l][h];
+    if (!map) return;
+    const rect = big.getBoundingClientRect();
+    const col = Math.min(map.w - 1, Math.floor(((event.clientX - rect.left) / rect.width) * map.w));
+    const row = Math.min(map.h - 1, Math.floor(((event.clientY - rect.top) / rect.height) * map.h));
+    const q = row * layer.block;
+    const k = col * layer.block;
+    const ql = data.labels[layer.qlabels];
+    const kl = data.labels[layer.klabels];
+    focusQuery(q);
+    kSpans.forEach((span) => span.classList.toggle("active", Number(span.dataset.cell) === col));
+    readout.textContent = "query " + (layer.block > 1 ? q + "…" : q + " ") +
+      JSON.stringify(ql[q]) + " → key " + (layer.block > 1 ? k + "…" : k + " ") +
+      JSON.stringify(kl[k]) + ": " + fmt(value(map, layer.heads[h], row, col));
+  });
+  document.getElementById("close").addEventListener("click", closeDetail);
+  document.getElementById("prev").addEventListener("click", () => step(-1));
+  document.getElementById("next").addEventListener("click", () => step(1));
+  detail.addEventListener("click", (event) => { if (event.target === detail) closeDetail(); });
+  document.addEventListener("keydown", (event) => {
+    if (detail.hidden) return;
+    if (event.key === "Escape") closeDetail();
+    if (event.key === "ArrowLeft") step(-1);
+    if (event.key === "ArrowRight") step(1);
+  });
+
+  // #L2H5 opens layer 2 head 5; #L2H5Q7 (or K7) also focuses query (key) 7: shareable links.
+  function openFromHash() {
+    const match = /^#L(\d+)H(\d+)(?:([QK])(\d+))?$/.exec(location.hash);
+    if (!match) return;
+    openDetail(Number(match[1]), Number(match[2]));
+    if (match[3] === "Q") focusQuery(Number(match[4]));
+    if (match[3] === "K") focusKey(Number(match[4]));
+  }
+
+  // ---- image overlays -----------------------------------------------------------------------
+  const overlays = [];
+
+  function drawOverlay(entry, alpha) {
+    const { canvas, image, heat, cell, vision, row } = entry;
+    const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingEnabled = false;
+    ctx.globalAlpha = 1;
+    ctx.drawImage(image, 0, 0, vision.w, vision.h);
+    if (heat) {
+      ctx.globalAlpha = alpha;
+      ctx.drawImage(heat, 0, 0, vision.w, vision.h);
+      ctx.globalAlpha = 1;
+    }
+    const unit = Math.max(1, vision.w / 200);
+    if (cell.box) {
+      const [x0, y0, x1, y1] = cell.box;
+      ctx.strokeStyle = "lime";
+      ctx.lineWidth = 2 * unit;
+      ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+      if (cell.label) {
+        ctx.font = Math.round(9 * unit) + "px sans-serif";
+        ctx.fillStyle = "lime";
+        const width = ctx.measureText(cell.label).width + 4 * unit;
+        ctx.fillRect(x0, Math.max(0, y1 - 12 * unit), width, 12 * unit);
+        ctx.fillStyle = "black";
+        ctx.fillText(cell.label, x0 + 2 * unit, Math.max(9 * unit, y1 - 3 * unit));
+      }
+    }
+    ctx.strokeStyle = "cyan";
+    ctx.lineWidth = 2 * unit;
+    for (const [px, py] of vision.points[row] || []) {
+      const r = 4 * unit;
+      ctx.beginPath();
+      ctx.moveTo(px - r, py - r);
+      ctx.lineTo(px + r, py + r);
+      ctx.moveTo(px + r, py - r);
+      ctx.lineTo(px - r, py + r);
+      ctx.stroke();
+    }
+  }
+
+  async function drawOverlays() {
+    const vision = data.vision;
+    const grid = document.getElementById("overlay-grid");
+    if (!vision || !grid) return;
+    const image = await new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => resolve(img);
+      img.onerror = () => reject(new Error("the input image does not decode"));
+      img.src = "data:image/png;base64," + vision.image;
+    });
+    const jobs = [];
+    vision.rows.forEach((row, rowIndex) => {
+      const line = el("div", "grid-row");
+      line.appendChild(el("div", "name", row.length ? row[row.length - 1].title.split(" · ")[0]
+        : ""));
+      row.forEach((cell) => {
+        const box = el("div", "head-cell");
+        const canvas = el("canvas", "overlay");
+        canvas.width = vision.w;
+        canvas.height = vision.h;
+        canvas.title = cell.title;
+        canvas.addEventListener("click", () => canvas.classList.toggle("large"));
+        box.appendChild(canvas);
+        box.appendChild(el("div", "overlay-title", cell.title.split(" · ").pop()));
+        line.appendChild(box);
+        const entry = { canvas: canvas, image: image, heat: null, cell: cell, vision: vision,
+          row: rowIndex };
+        overlays.push(entry);
+        if (cell.heat) {
+          jobs.push(decode(cell.heat.png).then((map) => {
+            entry.heat = colour(map, data.lut.overlay, false);
+            drawOverlay(entry, data.alpha);
+          }));
+        } else {
+          drawOverlay(entry, data.alpha);
+        }
+      });
+      grid.appendChild(line);
+    });
+    await Promise.all(jobs);
+    body.dataset.overlays = String(overlays.length);
+    const slider = document.getElementById("alpha");
+    slider.addEventListener("input", () => {
+      overlays.forEach((entry) => drawOverlay(entry, Number(slider.value)));
+    });
+  }
+
+  Promise.all([drawGrid(), drawOverlays()]).then(() => {
+    openFromHash();
+    body.dataset.ready = "1";
+  }).catch((error) => fail(String(error)));
+  window.addEventListener("hashchange", openFromHash);
+})();
