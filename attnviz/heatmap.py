@@ -15,9 +15,10 @@ from attnviz import __version__
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint, load_checkpoint
-from attnviz.errors import UsageError
+from attnviz.errors import AttnvizError, UsageError
 from attnviz.inspection import InspectReport, analyse
 from attnviz.models.sources import LoadedModel, load_model
+from attnviz.models.torch_transformer import ModelBuildError
 from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare
 
 VIEWS = ("auto", "matrix", "grid")
@@ -138,7 +139,8 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
                      norm_first: bool = False, activation: str = "relu") -> HeatmapResult:
     path, output = Path(checkpoint), Path(output)
     if options.view not in VIEWS or options.scale not in SCALES:
-        raise UsageError(f"--view is one of {VIEWS}, --scale one of {SCALES}")
+        raise UsageError(f"--view is one of {', '.join(VIEWS)}; --scale one of "
+                         f"{', '.join(SCALES)}")
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force)
     maps, prepared, loaded = capture_sequence(path, ckpt, analyse(ckpt, heads), request,
@@ -172,7 +174,17 @@ def capture_sequence(path: Path, ckpt: Checkpoint, report: InspectReport,
                         norm_first=norm_first, activation=activation)
     prepared = prepare(loaded, request)
     with torch.no_grad(), capture_attention(loaded.model) as maps:
-        prepared.run()
+        try:
+            prepared.run()
+        except AttnvizError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+            # the model rejected these inputs: a usage problem, not an attnviz bug
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ModelBuildError(f"the forward pass of {loaded.description} failed: "
+                                  f"{type(exc).__name__}: {first}", path=path,
+                                  hint="check that the inputs fit the model (--seq-len, "
+                                  "--input, --tokens, --tgt-*)") from exc
     return maps, prepared, loaded
 
 

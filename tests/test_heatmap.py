@@ -257,3 +257,42 @@ def test_parse_selector() -> None:
     assert parse_selector("mean", 4, "head") is None
     assert parse_selector("1-2,0", 4, "head") == [1, 2, 0]
     assert parse_selector("-1", 4, "head") == [3]
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
+    """Image-only flags on a sequence, sequence flags on an image, masks with a factory."""
+    sample = str(Path(__file__).resolve().parent.parent / "sample_checkpoints" /
+                 "transformer_d64_h4.pth")
+    out = str(tmp_path / "x.png")
+    cases = [
+        (["--seq-len", "4", "--top-k", "2", "--alpha", "0.3"],
+         "--top-k, --alpha do not apply without --image"),
+        (["--image", "x.png", "--causal"], "--causal does not apply to --image"),
+        (["--image", "x.png", "--model", "m:f"], "--model does not apply to --image"),
+        (["--tokens", "1,2", "--model", "m:f", "--pad", "1"],
+         "--pad does not apply to a --model factory"),
+    ]
+    for flags, message in cases:
+        done = runner.invoke(app, ["heatmap", sample, "-o", out, "--heads", "4", *flags])
+        assert done.exit_code == 2, done.output
+        assert message in done.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_forward_pass_the_model_rejects_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "tiny_factory.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Linear(4, 4))\n")
+    weights = tmp_path / "tiny.pth"
+    torch.save(nn.Sequential(nn.Linear(4, 4)).state_dict(), weights)
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # --model modules resolve beside the user
+    try:
+        done = runner.invoke(app, ["heatmap", str(weights), "--model", "tiny_factory:build",
+                                   "--tokens", "1,2,3", "-o", str(tmp_path / "x.png")])
+    finally:
+        os.chdir(cwd)
+    assert done.exit_code == 2, done.output
+    assert "the forward pass of tiny_factory:build() failed: RuntimeError" in done.output
+    assert "Traceback" not in done.output

@@ -296,8 +296,11 @@ def test_report_rejects_bad_flags_up_front(tmp_path: Path) -> None:
         (["-o", str(tmp_path / "r.html"), "--text", "a", "--image", "x.png"],
          "--text and --image both give the input"),
         (["-o", str(tmp_path / "r.html"), "--seq-len", "4", "--layer", "0"],
-         "--layer picks the image overlays"),
-        (["-o", str(tmp_path / "r.html"), "--alpha", "2"], r"--alpha 2: use a value in \[0, 1\]"),
+         "--layer does not apply without --image"),
+        (["-o", str(tmp_path / "r.html"), "--image", "x.png", "--causal", "--pad", "2"],
+         "--causal, --pad do not apply to --image"),
+        (["-o", str(tmp_path / "r.html"), "--image", "x.png", "--alpha", "2"],
+         r"--alpha in \[0, 1\]"),
     ]
     for flags, message in cases:
         done = runner.invoke(app, ["report", sample, *flags])

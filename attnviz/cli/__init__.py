@@ -228,9 +228,19 @@ from attnviz.cli import demo_cmd, heatmap_cmd, report_cmd  # noqa: E402
 __all__ = ["app", "demo_cmd", "heatmap_cmd", "main", "report_cmd"]
 
 
+def _plain_flags(command: Any) -> Any:
+    """On/off flags take no value: show no '<bool>' placeholder for them in --help."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+    return command
+
+
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="attnviz")
+    _plain_flags(typer.main.get_command(app))(prog_name="attnviz")
 
 
 if __name__ == "__main__":

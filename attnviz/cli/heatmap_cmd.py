@@ -9,6 +9,9 @@ import typer
 
 from attnviz.cli import app
 from attnviz.cli.options import (
+    IMAGE_ONLY,
+    NOT_WITH_FACTORY,
+    SEQUENCE_ONLY,
     ActivationOpt,
     AlphaOpt,
     CausalOpt,
@@ -41,6 +44,7 @@ from attnviz.cli.options import (
     check_model_flags,
     image_options,
     one_input,
+    reject_unused,
     sequence_request,
 )
 from attnviz.cli.state import state
@@ -101,12 +105,17 @@ def heatmap(
 ) -> None:
     """Per-head attention maps of a forward pass, drawn as heatmaps (sequences or images)."""
     one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
+    if image is None:
+        reject_unused(ctx, IMAGE_ONLY, "without --image")
+    else:
+        reject_unused(ctx, SEQUENCE_ONLY, "to --image (ViT/DETR are rebuilt from the file)")
+    if model is not None:
+        reject_unused(ctx, NOT_WITH_FACTORY, "to a --model factory (it builds its own inputs' "
+                      "masks)")
     st = state(ctx)
     if save_maps is not None and save_maps.suffix != ".safetensors":
         raise UsageError("--save-maps writes safetensors: use a .safetensors file name")
     if image is not None:
-        if model is not None:
-            raise UsageError("--image rebuilds ViT/DETR from the checkpoint; drop --model")
         from attnviz.image_heatmap import image_heatmap
 
         options = image_options(image, size=size, normalize=normalize, layer=layer, head=head,

@@ -129,3 +129,23 @@ def image_options(image: Path, *, size: str | None, normalize: bool, layer: str 
                         points=tuple(parse_point(p) for p in point or ()),
                         head_fusion=head_fusion, discard_ratio=discard_ratio, alpha=alpha,
                         smooth=smooth, title=title)
+
+
+IMAGE_ONLY = ("size", "normalize", "top_k", "threshold", "query", "point", "head_fusion",
+              "discard_ratio", "alpha", "smooth")
+SEQUENCE_ONLY = ("model", "strict", "scale", "causal", "pad", "seed", "batch_index", "tgt_input",
+                 "tgt_seq_len", "norm_first", "activation")
+NOT_WITH_FACTORY = ("causal", "pad", "tgt_input", "tgt_seq_len", "norm_first", "activation")
+
+
+def reject_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
+    """Refuse options the user set that would be silently ignored for this input."""
+    given = []
+    for param in ctx.command.params:
+        if param.name in names:
+            source = ctx.get_parameter_source(param.name)
+            if source is not None and source.name in {"COMMANDLINE", "ENVIRONMENT"}:
+                given.append(max(param.opts, key=len))
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply "
+                         f"{why}; drop {'it' if len(given) == 1 else 'them'}")

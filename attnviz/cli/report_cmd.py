@@ -9,6 +9,9 @@ import typer
 
 from attnviz.cli import app
 from attnviz.cli.options import (
+    IMAGE_ONLY,
+    NOT_WITH_FACTORY,
+    SEQUENCE_ONLY,
     ActivationOpt,
     AlphaOpt,
     CausalOpt,
@@ -41,10 +44,10 @@ from attnviz.cli.options import (
     check_model_flags,
     image_options,
     one_input,
+    reject_unused,
     sequence_request,
 )
 from attnviz.cli.state import state
-from attnviz.errors import UsageError
 from attnviz.formatting import size as human_size
 
 
@@ -92,13 +95,18 @@ def report(
 ) -> None:
     """One offline HTML page: summary, layer x head grid, token hover, overlays, weight norms."""
     one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
+    if image is None:
+        reject_unused(ctx, (*IMAGE_ONLY, "layer"), "without --image")
+    else:
+        reject_unused(ctx, SEQUENCE_ONLY, "to --image (ViT/DETR are rebuilt from the file)")
+    if model is not None:
+        reject_unused(ctx, NOT_WITH_FACTORY, "to a --model factory (it builds its own inputs' "
+                      "masks)")
     st = state(ctx)
     from attnviz.report import ReportOptions, build_report
 
     options = ReportOptions(max_tokens=max_tokens, title=title, norms=norms, alpha=alpha)
     if image is not None:
-        if model is not None:
-            raise UsageError("--image rebuilds ViT/DETR from the checkpoint; drop --model")
         vision = image_options(image, size=size, normalize=normalize, layer=layer, head="all",
                                view="overlay", top_k=top_k, threshold=threshold, query=query,
                                point=point, head_fusion=head_fusion,
@@ -107,9 +115,6 @@ def report(
             result = build_report(checkpoint, output, image=vision, options=options,
                                   heads=heads or (), config=config, key=key, force=force)
     else:
-        if layer is not None:
-            raise UsageError("--layer picks the image overlays; sequence reports show every "
-                             "layer")
         check_model_flags(model, strict, activation, config)
         given = any(v is not None for v in (text, tokens, input_file, seq_len))
         request = sequence_request(text=text, tokens=tokens, input_file=input_file,
