@@ -101,7 +101,7 @@ def build_report(checkpoint: str | Path, output: str | Path, *,
     check_output_path(output, [path, *ckpt.files], force=force)
     report = analyse(ckpt, heads)
     data = ReportData(title=options.title or f"attnviz report: {path.name or path}",
-                      source=str(path), summary=summary_rows(ckpt, report),
+                      summary=summary_rows(ckpt, report),
                       layers=layer_rows(report), warnings=list(report.warnings),
                       max_tokens=options.max_tokens)
     maps: AttentionMaps | None = None

@@ -16,7 +16,6 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,7 +84,6 @@ class NormRow:
 @dataclass
 class ReportData:
     title: str
-    source: str
     summary: list[tuple[str, str]]
     layers: list[dict[str, str]]  # the inspect table, one dict per attention layer
     warnings: list[str]
@@ -243,6 +241,3 @@ def vision_labels(metadata: dict[str, str] | None) -> Any:
 
     return labels
 
-
-def source_name(path: Path) -> str:
-    return path.name or str(path)

@@ -199,3 +199,12 @@ def test_stats_report_nan_and_inf_without_crashing(tmp_path: Path) -> None:
         assert any("'w' holds 1 NaN and 2 Inf" in w for w in doc["warnings"])
     code, out, _ = invoke("inspect", str(tmp_path / "x.pth"), "--stats")
     assert code == 0 and "value statistics" in out
+
+
+def test_a_filter_that_matches_nothing_says_what_was_meant() -> None:
+    done = runner.invoke(app, ["inspect", str(SAMPLES / "detr_tiny.pth"), "--json",
+                               "--filter", "transformer.encoder.layer.*"])
+    assert done.exit_code == 0
+    warnings = json.loads(done.stdout)["warnings"]
+    assert any("matches no layer or tensor (did you mean "
+               "'transformer.encoder.layers.1.self_attn'" in w for w in warnings), warnings

@@ -162,7 +162,7 @@ HOSTILE = '</script><script>document.body.dataset.pwned="1"</script><img src=x o
 def hostile_report() -> ReportData:
     matrix = np.full((3, 3), 1 / 3)
     stored = encode_map(matrix)
-    data = ReportData(title=HOSTILE, source=HOSTILE, summary=[("file", HOSTILE)],
+    data = ReportData(title=HOSTILE, summary=[("file", HOSTILE)],
                       layers=[{"layer": HOSTILE}], warnings=[HOSTILE], model=HOSTILE)
     data.maps = [MapLayer(HOSTILE, 3, 3, 1, [stored, stored], [HOSTILE, "a", "b"],
                           ["c", HOSTILE, "d"])]

@@ -112,6 +112,17 @@ def inspect(
     st = state(ctx)
     with st.step(f"read the metadata of {checkpoint}"):
         report = inspect_checkpoint(checkpoint, heads=heads or (), config=config, key=key)
+    if filter_glob is not None:
+        import fnmatch
+
+        from attnviz.errors import did_you_mean
+
+        names = [*(i.layer.display_name for i in report.layers), *report.checkpoint.tensors]
+        if not any(fnmatch.fnmatchcase(n, filter_glob) for n in names):
+            layer_names = [i.layer.display_name for i in report.layers]
+            report.warnings.append(f"--filter '{filter_glob}' matches no layer or tensor ("
+                                   + did_you_mean(filter_glob, layer_names or names,
+                                                  "names are listed by --all") + ")")
     value_stats = None
     if stats:
         import fnmatch

@@ -9,9 +9,6 @@ import typer
 
 from attnviz.cli import app
 from attnviz.cli.options import (
-    IMAGE_ONLY,
-    NOT_WITH_FACTORY,
-    SEQUENCE_ONLY,
     ActivationOpt,
     AlphaOpt,
     CausalOpt,
@@ -41,10 +38,9 @@ from attnviz.cli.options import (
     TitleOpt,
     TokensOpt,
     TopKOpt,
+    check_inputs,
     check_model_flags,
     image_options,
-    one_input,
-    reject_unused,
     sequence_request,
 )
 from attnviz.cli.state import state
@@ -104,14 +100,8 @@ def heatmap(
     force: ForceOpt = False,
 ) -> None:
     """Per-head attention maps of a forward pass, drawn as heatmaps (sequences or images)."""
-    one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
-    if image is None:
-        reject_unused(ctx, IMAGE_ONLY, "without --image")
-    else:
-        reject_unused(ctx, SEQUENCE_ONLY, "to --image (ViT/DETR are rebuilt from the file)")
-    if model is not None:
-        reject_unused(ctx, NOT_WITH_FACTORY, "to a --model factory (it builds its own inputs' "
-                      "masks)")
+    check_inputs(ctx, text=text, tokens=tokens, input_file=input_file, seq_len=seq_len,
+                 image=image, model=model)
     st = state(ctx)
     if save_maps is not None and save_maps.suffix != ".safetensors":
         raise UsageError("--save-maps writes safetensors: use a .safetensors file name")

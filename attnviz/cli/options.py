@@ -138,6 +138,20 @@ SEQUENCE_ONLY = ("model", "strict", "scale", "causal", "pad", "seed", "batch_ind
 NOT_WITH_FACTORY = ("causal", "pad", "tgt_input", "tgt_seq_len", "norm_first", "activation")
 
 
+def check_inputs(ctx: typer.Context, *, text: str | None, tokens: str | None,
+                 input_file: Path | None, seq_len: int | None, image: Path | None,
+                 model: str | None, image_only: tuple[str, ...] = ()) -> None:
+    """One input, and no flag that this input would ignore."""
+    one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
+    if image is None:
+        reject_unused(ctx, (*IMAGE_ONLY, *image_only), "without --image")
+    else:
+        reject_unused(ctx, SEQUENCE_ONLY, "to --image (ViT/DETR are rebuilt from the file)")
+    if model is not None:
+        reject_unused(ctx, NOT_WITH_FACTORY, "to a --model factory (it builds its own inputs' "
+                      "masks)")
+
+
 def reject_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
     """Refuse options the user set that would be silently ignored for this input."""
     given = []

@@ -9,9 +9,6 @@ import typer
 
 from attnviz.cli import app
 from attnviz.cli.options import (
-    IMAGE_ONLY,
-    NOT_WITH_FACTORY,
-    SEQUENCE_ONLY,
     ActivationOpt,
     AlphaOpt,
     CausalOpt,
@@ -41,10 +38,9 @@ from attnviz.cli.options import (
     TitleOpt,
     TokensOpt,
     TopKOpt,
+    check_inputs,
     check_model_flags,
     image_options,
-    one_input,
-    reject_unused,
     sequence_request,
 )
 from attnviz.cli.state import state
@@ -94,14 +90,8 @@ def report(
     force: ForceOpt = False,
 ) -> None:
     """One offline HTML page: summary, layer x head grid, token hover, overlays, weight norms."""
-    one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
-    if image is None:
-        reject_unused(ctx, (*IMAGE_ONLY, "layer"), "without --image")
-    else:
-        reject_unused(ctx, SEQUENCE_ONLY, "to --image (ViT/DETR are rebuilt from the file)")
-    if model is not None:
-        reject_unused(ctx, NOT_WITH_FACTORY, "to a --model factory (it builds its own inputs' "
-                      "masks)")
+    check_inputs(ctx, text=text, tokens=tokens, input_file=input_file, seq_len=seq_len,
+                 image=image, model=model, image_only=("layer",))
     st = state(ctx)
     from attnviz.report import ReportOptions, build_report
 

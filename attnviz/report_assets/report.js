@@ -153,40 +153,34 @@
   let qSpans = [];
   let kSpans = [];
 
-  function focusQuery(index) {
+  // Focus one token: a query shades the keys it attends to (its row), a key the queries that
+  // attend to it (its column); a pooled map answers with the token's block.
+  function focus(side, index) {
     const { l, h } = current;
     const layer = data.maps[l];
     const map = decoded[l][h];
-    const row = Math.floor(index / layer.block);
-    if (!map || row >= map.h) return;
+    const cell = Math.floor(index / layer.block);
+    const isQuery = side === "q";
+    if (!map || cell >= (isQuery ? map.h : map.w)) return;
     const weights = [];
-    for (let c = 0; c < map.w; c++) weights.push(value(map, layer.heads[h], row, c));
-    clearTokens(qSpans);
-    if (qSpans[index]) qSpans[index].classList.add("active");
-    shade(kSpans, weights);
-    const label = data.labels[layer.qlabels][index];
-    readout.textContent = "query " + index + " " + JSON.stringify(label) +
-      " attends to the keys shaded on the right (row maximum " +
-      fmt(Math.max(...weights.map((w) => w || 0))) + ")";
-    body.dataset.focus = "q" + index;
+    for (let j = 0; j < (isQuery ? map.w : map.h); j++) {
+      weights.push(isQuery ? value(map, layer.heads[h], cell, j)
+        : value(map, layer.heads[h], j, cell));
+    }
+    const own = isQuery ? qSpans : kSpans;
+    clearTokens(own);
+    if (own[index]) own[index].classList.add("active");
+    shade(isQuery ? kSpans : qSpans, weights);
+    const label = JSON.stringify(data.labels[isQuery ? layer.qlabels : layer.klabels][index]);
+    readout.textContent = isQuery
+      ? "query " + index + " " + label + " attends to the keys shaded on the right (row maximum " +
+        fmt(Math.max(...weights.map((w) => w || 0))) + ")"
+      : "key " + index + " " + label + " is attended by the queries shaded on the left";
+    body.dataset.focus = side + index;
   }
 
-  function focusKey(index) {
-    const { l, h } = current;
-    const layer = data.maps[l];
-    const map = decoded[l][h];
-    const col = Math.floor(index / layer.block);
-    if (!map || col >= map.w) return;
-    const weights = [];
-    for (let r = 0; r < map.h; r++) weights.push(value(map, layer.heads[h], r, col));
-    clearTokens(kSpans);
-    if (kSpans[index]) kSpans[index].classList.add("active");
-    shade(qSpans, weights);
-    const label = data.labels[layer.klabels][index];
-    readout.textContent = "key " + index + " " + JSON.stringify(label) +
-      " is attended by the queries shaded on the left";
-    body.dataset.focus = "k" + index;
-  }
+  const focusQuery = (index) => focus("q", index);
+  const focusKey = (index) => focus("k", index);
 
   function openDetail(l, h) {
     const layer = data.maps[l];
