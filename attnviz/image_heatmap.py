@@ -92,13 +92,31 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
     return result
 
 
+def is_detr(path: Path, ckpt: Checkpoint) -> bool:
+    """A DETR: the official layout's query embedding and input projection, or an HF DETR."""
+    if is_hf_directory(path):
+        return "detr" in str((ckpt.config or {}).get("model_type", ""))
+    return "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors
+
+
+def rollout_heat(maps: AttentionMaps, names: list[str], grid: tuple[int, int], prefix: int,
+                 options: ImageOptions) -> np.ndarray:
+    """Attention rollout over ``names`` as a (gh, gw) map: the CLS row, or with no prefix
+    token the mean over patch rows (as ``cls_rows`` does for one layer)."""
+    rolled = attention_rollout([maps[n] for n in names], head_fusion=options.head_fusion,
+                               discard_ratio=options.discard_ratio)[0]  # (T, T)
+    rows = rolled[0, prefix:] if prefix else rolled[prefix:, prefix:].mean(0)  # (gh * gw,)
+    heat: np.ndarray = rows.reshape(grid).numpy()
+    return heat
+
+
 def image_figure(path: Path, ckpt: Checkpoint, report: Any, options: ImageOptions
                  ) -> tuple[Figure, AttentionMaps, str]:
     """Rebuild the vision model the checkpoint holds, run it on the image under capture, and
     lay out its figure: (figure, every captured map, a one-line model description)."""
     if is_hf_directory(path):
         return _hf_vision(path, options)
-    if "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
+    if is_detr(path, ckpt):
         return _detr(ckpt, report, options)
     if "patch_embed.proj.weight" in ckpt.tensors:
         return _vit(ckpt, report, options)
@@ -153,9 +171,7 @@ def _vit_figure(maps: AttentionMaps, names: list[str], grid: tuple[int, int], pr
             "image_size": json.dumps(image_pixels.shape[:2]), "patch": str(patch)}
     pixels = image_pixels.astype(np.float32) / 255.0
     if options.view == "rollout":
-        rolled = attention_rollout([maps[n] for n in names], head_fusion=options.head_fusion,
-                                   discard_ratio=options.discard_ratio)  # (1, T, T)
-        heat = rolled[0, 0, prefix:].reshape(grid).numpy()
+        heat = rollout_heat(maps, names, grid, prefix, options)
         vmax = float(heat.max())
         panel = overlay(image_pixels, heat, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
         title = (f"attention rollout over {len(names)} blocks (head fusion "

@@ -3,6 +3,7 @@ checkpoint's summary and per-head weight norms, written as one self-contained HT
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,34 +50,22 @@ class ReportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def is_detr_checkpoint(path: Path, ckpt: Checkpoint) -> bool:
-    if "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors:
-        return True
-    return "detr" in str((ckpt.config or {}).get("model_type", "")) and path.is_dir()
-
-
 def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageOptions,
             data: ReportData) -> tuple[AttentionMaps, Callable[[int], list[str]]]:
     from dataclasses import replace
 
-    from attnviz.image_heatmap import image_figure
-    from attnviz.rollout import attention_rollout
+    from attnviz.image_heatmap import image_figure, is_detr, rollout_heat
 
-    if options.layer is None and not is_detr_checkpoint(path, ckpt):
+    if options.layer is None and not is_detr(path, ckpt):
         options = replace(options, layer="all")  # a ViT's CLS overlays for every block
     figure, maps, description = image_figure(path, ckpt, report, options)
     data.model = description
     data.vision = vision_section(figure)
     meta = figure.metadata or {}
     if "grid" in meta:  # a ViT: add the rollout over every block
-        import json
-
-        grid, prefix = json.loads(meta["grid"]), int(meta["prefix_tokens"])
+        grid, prefix = tuple(json.loads(meta["grid"])), int(meta["prefix_tokens"])
         names = [n for n in maps if maps[n].shape[-1] == maps[n].shape[-2]]
-        rolled = attention_rollout([maps[n] for n in names], head_fusion=options.head_fusion,
-                                   discard_ratio=options.discard_ratio)  # (1, T, T)
-        heat = rolled[0, 0, prefix:].reshape(grid).numpy() if prefix else \
-            rolled[0].mean(0)[prefix:].reshape(grid).numpy()  # (gh, gw)
+        heat = rollout_heat(maps, names, (grid[0], grid[1]), prefix, options)
         data.vision.rows.append([OverlayCell("rollout · image", None),
                                  OverlayCell(f"rollout · {len(names)} blocks, "
                                              f"{options.head_fusion} fusion", encode_map(heat))])

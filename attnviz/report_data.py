@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,7 +138,8 @@ def block_size(length: int, max_tokens: int) -> int:
     return max(1, math.ceil(length / max_tokens))
 
 
-def map_layers(maps: AttentionMaps, labels: Any, *, max_tokens: int) -> list[MapLayer]:
+def map_layers(maps: AttentionMaps, labels: Callable[[int], list[str]], *,
+               max_tokens: int) -> list[MapLayer]:
     """Every captured module's maps of batch item 0; ``labels(length)`` names a side's tokens."""
     if max_tokens < 8:
         raise UsageError(f"--max-tokens {max_tokens}: use 8 or more")
@@ -148,8 +150,7 @@ def map_layers(maps: AttentionMaps, labels: Any, *, max_tokens: int) -> list[Map
         block = block_size(max(query_len, key_len), max_tokens)
 
         def side(length: int) -> list[str]:
-            return [str(x) for x in labels(length)] if length <= MAX_LABELS else \
-                [str(i) for i in range(length)]
+            return labels(length) if length <= MAX_LABELS else [str(i) for i in range(length)]
 
         layers.append(MapLayer(name or "(root)", query_len, key_len, block,
                                [encode_map(stack[h], block) for h in range(heads)],
@@ -224,7 +225,7 @@ def summary_rows(ckpt: Checkpoint, report: InspectReport) -> list[tuple[str, str
             ("attention layers", str(len(report.layers)))]
 
 
-def vision_labels(metadata: dict[str, str] | None) -> Any:
+def vision_labels(metadata: dict[str, str] | None) -> Callable[[int], list[str]]:
     """Token names for vision maps: prefix tokens then patch cells (row, col); DETR queries."""
     meta = metadata or {}
     grid = json.loads(meta.get("grid") or meta.get("feature_size") or "[0, 0]")

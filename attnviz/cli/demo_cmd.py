@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 import attnviz
+from attnviz.atomic import atomic_output
 from attnviz.cli import app
 from attnviz.cli.options import ForceOpt
 from attnviz.cli.state import state
@@ -61,9 +62,11 @@ def _inspect_jobs(samples: Path, out: Path, written: list[Path]) -> list[Job]:
             buffer = io.StringIO()
             tables.print_inspect(report, show_all=False, tensor_filter=None,
                                  console=Console(file=buffer, width=160, highlight=False))
-            (out / f"{stem}.inspect.txt").write_text(buffer.getvalue())
-            (out / f"{stem}.inspect.json").write_text(json.dumps(report_to_json(report),
-                                                                 indent=2))
+            for name, text in ((f"{stem}.inspect.txt", buffer.getvalue()),
+                               (f"{stem}.inspect.json",
+                                json.dumps(report_to_json(report), indent=2))):
+                with atomic_output(out / name) as temp:  # like every other output
+                    temp.write_text(text)
             written.extend([out / f"{stem}.inspect.txt", out / f"{stem}.inspect.json"])
 
         def split(path: Path = path, stem: str = stem, heads: tuple[str, ...] = heads) -> None:
