@@ -98,3 +98,7 @@ class OutputError(AttnvizError):
     """An output cannot be written (exists, same as input, unwritable)."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class AmbiguousLayoutError(UsageError):
+    """Key names and shapes fit several packings and nothing says which model wrote the file."""

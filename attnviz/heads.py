@@ -33,9 +33,20 @@ HEAD_KEYS: tuple[tuple[str, str], ...] = (
     ("", "nheads"),
     ("", "nhead"),
 )
+# model_type -> the setting that divides the configured head count (ConvBERT gives half its
+# heads to span-based convolution: attention heads = num_attention_heads // head_ratio)
+HEADS_DIVIDED_BY = {"convbert": "head_ratio"}
+STAGE_PATTERN = r"(?:^|\.)(?:layers|stages)\.(\d+)\.(?:blocks|layers)\."  # Swin stage index
 KV_HEAD_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads",
                 "multi_query_group_num")
 HEAD_DIM_KEYS = ("head_dim",)
+# Config classes whose defaults matter and that save_pretrained leaves out of config.json
+# (it writes only values that differ from the class defaults).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "falcon": {"multi_query": True, "new_decoder_architecture": False},
+    "gpt_bigcode": {"multi_query": True},
+    "convbert": {"head_ratio": 2},
+}
 # Where training scripts keep their hyper-parameters inside a checkpoint.
 CHECKPOINT_SETTINGS = ("args", "model_args", "config", "hyper_parameters", "hparams", "dims",
                        "cfg", "opt", "hyper_params")
@@ -68,6 +79,7 @@ class HeadsInfo:
     source: str
     num_kv_heads: int | None = None
     head_dim: int | None = None
+    kv_source: str = "shapes"
 
 
 def _get(node: Any, dotted: str) -> Any:
@@ -111,14 +123,47 @@ class Settings:
         for scope, key in HEAD_KEYS:
             if scope and not re.search(scope, layer_name):
                 continue
-            found = self.lookup([key])
+            found = self.lookup([key]) or self._per_stage(key, layer_name)
             if found is not None:
-                return found
+                return self._divided(*found)
         return None
 
+    def _divided(self, heads: int, key: str) -> tuple[int, str]:
+        """Configs whose head count is shared with other mechanisms (ConvBERT: head_ratio)."""
+        model_type = _get(self.node, "model_type")
+        divisor_key = HEADS_DIVIDED_BY.get(model_type) if isinstance(model_type, str) else None
+        divisor = _positive_int(self.setting(divisor_key)) if divisor_key else None
+        if divisor is None or divisor == 1:
+            return heads, key
+        return max(heads // divisor, 1), f"{key} ({heads}) // {divisor_key} ({divisor})"
+
+    def _per_stage(self, key: str, layer_name: str) -> tuple[int, str] | None:
+        """Hierarchical models (Swin) list one count per stage: ``num_heads: [3, 6, 12, 24]``."""
+        value = _get(self.node, key)
+        stage = re.search(STAGE_PATTERN, layer_name)
+        if not isinstance(value, list) or stage is None or int(stage.group(1)) >= len(value):
+            return None
+        count = _positive_int(value[int(stage.group(1))])
+        return None if count is None else (count, f"{key}[{stage.group(1)}]")
+
+    def setting(self, key: str) -> Any:
+        """A raw setting, or the default its config class gives it when config.json omits it."""
+        value = _get(self.node, key)
+        if value is None and isinstance(model_type := _get(self.node, "model_type"), str):
+            return MODEL_DEFAULTS.get(model_type, {}).get(key)
+        return value
+
     def kv_heads(self) -> tuple[int, str] | None:
-        if _get(self.node, "multi_query") is True and not self.lookup(KV_HEAD_KEYS):
-            return 1, "multi_query"
+        """Declared key/value heads, with the semantics the model's own code gives the fields."""
+        if _get(self.node, "model_type") == "falcon" and \
+                self.setting("new_decoder_architecture") is not True:
+            # Falcon's old architecture ignores num_kv_heads (transformers writes H there)
+            if self.setting("multi_query") is True:
+                return 1, ("multi_query=True with new_decoder_architecture=False: one key/value "
+                           "head, num_kv_heads ignored as transformers does")
+            return None  # multi_query=False: one key/value head per query head, from the shapes
+        if self.setting("multi_query") is True and not self.lookup(KV_HEAD_KEYS):
+            return 1, "multi_query=True"
         return self.lookup(KV_HEAD_KEYS)
 
 
@@ -195,12 +240,12 @@ def resolve_heads(
         raise HeadsError(f"{where}: embed dim E={layer.q_rows} is not divisible by H={heads} "
                          f"heads (from {source})", hint="pass the right count with --heads")
     head_dim = layer.q_rows // heads
-    kv_heads = _kv_heads(layer, heads, head_dim, settings, where)
-    return HeadsInfo(heads, source, kv_heads, head_dim)
+    kv_heads, kv_source = _kv_heads(layer, heads, head_dim, settings, where)
+    return HeadsInfo(heads, source, kv_heads, head_dim, kv_source)
 
 
 def _kv_heads(layer: AttentionLayer, heads: int, head_dim: int, settings: list[Settings],
-              where: str) -> int:
+              where: str) -> tuple[int, str]:
     if layer.kv_rows is None or layer.kv_rows % head_dim:
         raise HeadsError(f"{where}: k/v rows {layer.kv_rows} are not a multiple of head dim "
                          f"{head_dim} (E={layer.q_rows}, H={heads})",
@@ -211,9 +256,13 @@ def _kv_heads(layer: AttentionLayer, heads: int, head_dim: int, settings: list[S
                          f"(E={layer.q_rows})", hint="pass the right count with --heads")
     for item in settings:
         declared = item.kv_heads()
-        if declared is not None and layer.packing is not Packing.INTERLEAVED and (
+        if declared is None:
+            continue
+        if layer.packing is not Packing.INTERLEAVED and (
             declared[0] != kv_heads and layer.kv_rows != layer.q_rows
         ):
             raise HeadsError(f"{where}: {item.label} says {declared[1]}={declared[0]} but the "
                              f"shapes give {kv_heads} key/value heads for H={heads}")
-    return kv_heads
+        if declared[0] == kv_heads:
+            return kv_heads, f"{item.label}: {declared[1]}"
+    return kv_heads, "shapes"

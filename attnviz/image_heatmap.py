@@ -5,7 +5,7 @@ self-attention at reference points."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint
 from attnviz.errors import UsageError
 from attnviz.heatmap import HeatmapResult, open_for_heatmap, parse_selector
-from attnviz.image_inputs import detr_image, open_rgb, parse_size, vit_image
+from attnviz.image_inputs import detr_image, parse_size, vit_image
 from attnviz.inspection import analyse
 from attnviz.models.coco_names import COCO_NAMES
 from attnviz.models.sources import is_hf_directory
@@ -44,6 +44,9 @@ class ImageOptions:
     alpha: float = 0.55
     smooth: bool = False
     title: str | None = None
+    text: str | None = None  # multi-tower HF models (CLIP): the text tower's input
+    tokens: str | None = None
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -57,18 +60,21 @@ class Figure:
     metadata: dict[str, str] | None = None
     heats: list[list[np.ndarray | None]] | None = None  # the raw (h, w) map behind each panel
     image: np.ndarray | None = None  # (H, W, 3) uint8: the model's input pixels
+    notes: list[str] = field(default_factory=list)
+    prepared: Any = None  # HF models: the PreparedCall (forward kwargs, token sides)
 
 
 def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOptions, *,
                   heads: tuple[str, ...] = (), config: str | Path | None = None,
                   key: str | None = None, save_maps: str | Path | None = None,
-                  force: bool = False) -> HeatmapResult:
+                  force: bool = False, layout: str | None = None) -> HeatmapResult:
     path, output = Path(checkpoint), Path(output)
     if options.view not in VIEWS:
         raise UsageError(f"--view with --image is one of {', '.join(VIEWS)}")
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force)
-    figure, maps, description = image_figure(path, ckpt, analyse(ckpt, heads), options)
+    figure, maps, description = image_figure(path, ckpt, analyse(ckpt, heads, layout=layout),
+                                               options)
     from attnviz import render
 
     with atomic_output(output) as temp:
@@ -78,7 +84,7 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
                                    points=figure.points,
                                    colorbar=(figure.vmax, "attention"))
     result = HeatmapResult(output, "overlay", [t[0] for t in figure.titles],
-                           figure.titles[0], description)
+                           figure.titles[0], description, notes=list(figure.notes))
     if maps_path is not None:
         from safetensors.torch import save_file
 
@@ -86,6 +92,13 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
                     "model": description, "layers": json.dumps(list(maps)),
                     "routes": json.dumps(maps.routes), "layout": "B, H, Lq, Lk",
                     **(figure.metadata or {})}
+        prepared = figure.prepared
+        if prepared is not None and prepared.layer_sides is not None:
+            metadata["axes"] = json.dumps({n: list(prepared.layer_sides(n.split("#")[0]))
+                                           for n in maps})
+            metadata["sides"] = json.dumps(prepared.sides)
+            metadata["inputs"] = json.dumps({k: list(v.shape)
+                                             for k, v in prepared.inputs.items()})
         with atomic_output(maps_path) as temp:
             save_file({n: t.contiguous() for n, t in maps.items()}, str(temp), metadata=metadata)
         result.maps_file = maps_path
@@ -115,7 +128,14 @@ def image_figure(path: Path, ckpt: Checkpoint, report: Any, options: ImageOption
     """Rebuild the vision model the checkpoint holds, run it on the image under capture, and
     lay out its figure: (figure, every captured map, a one-line model description)."""
     if is_hf_directory(path):
-        return _hf_vision(path, options)
+        from attnviz.models.hf_vision import hf_vision_figure
+
+        return hf_vision_figure(path, ckpt, options)
+    if options.text is not None or options.tokens is not None:
+        raise UsageError("--text/--tokens with --image need a multi-tower HF model directory "
+                         "(CLIP, SigLIP)", path=path)
+    if options.attn_implementation != "auto":
+        raise UsageError("--attn-implementation applies to HF model directories only")
     if is_detr(path, ckpt):
         return _detr(ckpt, report, options)
     if "patch_embed.proj.weight" in ckpt.tensors:
@@ -307,71 +327,3 @@ def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Te
                                                 for _, heats in per_query]
     return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta, heats=heat_rows,
                   image=image_pixels)
-
-
-def _hf_vision(path: Path, options: ImageOptions) -> tuple[Figure, AttentionMaps, str]:
-    """An HF model directory (``hf`` extra): its own image processor prepares the image, the
-    capture engine does the rest; DETR-family models get the DETR figure, ViT-like ones the
-    CLS overlays."""
-    import math
-    import os
-
-    from PIL import Image
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from transformers import (
-            AutoConfig,
-            AutoImageProcessor,
-            AutoModel,
-            AutoModelForObjectDetection,
-        )
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise UsageError("an HF model directory needs the 'hf' extra",
-                         hint="pip install 'attnviz[hf]'") from exc
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # one-line output
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    try:
-        processor = AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
-            path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UsageError("this model directory has no image processor for --image", path=path,
-                         hint="save one with processor.save_pretrained(directory)") from exc
-    image = Image.fromarray(open_rgb(options.image))
-    inputs = processor(images=image, return_tensors="pt")
-    height, width = inputs["pixel_values"].shape[-2:]
-    pixels = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
-    if "detr" in config.model_type:
-        model = AutoModelForObjectDetection.from_pretrained(path, local_files_only=True).eval()
-        with torch.no_grad(), capture_attention(model) as maps:
-            out = model(**inputs)
-        cross = [n for n in maps if n.endswith(("multihead_attn", "encoder_attn"))]
-        if not cross:
-            raise UsageError("no decoder cross-attention captured from this DETR", path=path)
-        fh, fw = math.ceil(height / 32), math.ceil(width / 32)  # ResNet stride 32
-        if fh * fw != maps[cross[0]].shape[-1]:
-            raise UsageError(f"cannot tell the feature map of {maps[cross[0]].shape[-1]} cells "
-                             f"for a {height}x{width} input", path=path)
-        labels = getattr(config, "id2label", {}) or {}
-        names = [str(labels.get(i, f"class {i}")) for i in range(out.logits.shape[-1])]
-        figure = _detr_figure(maps, out.logits, out.pred_boxes, (fh, fw), pixels,
-                              (image.height, image.width), names, options)
-        return figure, maps, (f"{type(model).__name__} from {path.name}: feature map "
-                              f"{fh}x{fw}")
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa",
-                                      local_files_only=True).eval()
-    with torch.no_grad(), capture_attention(model) as maps:
-        model(pixel_values=inputs["pixel_values"])
-    patch = int(getattr(config, "patch_size", 16))
-    grid = (height // patch, width // patch)
-    names = list(maps)
-    prefix = maps[names[0]].shape[-1] - grid[0] * grid[1]
-    if prefix < 0:
-        raise UsageError(f"maps of {maps[names[0]].shape[-1]} tokens do not fit a "
-                         f"{grid[0]}x{grid[1]} patch grid", path=path)
-    figure = _vit_figure(maps, names, grid, prefix, prefix > 0, patch, pixels, options)
-    return figure, maps, (f"{type(model).__name__} from {path.name}: {len(names)} layers, "
-                          f"patch {patch}, grid {grid[0]}x{grid[1]}")
-

@@ -12,8 +12,11 @@ from typing import Any
 from attnviz import __version__
 from attnviz.checkpoint import Checkpoint, load_checkpoint
 from attnviz.containers import ForeignObjectInfo
+from attnviz.errors import AttnvizError, with_path
 from attnviz.heads import HeadsInfo, parse_heads_option, resolve_heads, settings_from
 from attnviz.layouts import AttentionLayer, Unrecognised, find_attention_layers
+from attnviz.layouts.context import layout_context
+from attnviz.layouts.spec import LayoutContext
 
 JSON_SCHEMA_VERSION = 1
 
@@ -32,6 +35,7 @@ class InspectReport:
     layers: list[LayerReport]
     unrecognised: list[Unrecognised]
     warnings: list[str] = field(default_factory=list)
+    context: LayoutContext = field(default_factory=LayoutContext)
 
     @property
     def dtypes(self) -> dict[str, int]:
@@ -42,10 +46,19 @@ class InspectReport:
         return [f for f in self.checkpoint.foreign_objects if f.names_code]
 
 
-def analyse(checkpoint: Checkpoint, heads: Iterable[str] = ()) -> InspectReport:
-    """Find and resolve the attention layers of an already loaded checkpoint."""
+def analyse(checkpoint: Checkpoint, heads: Iterable[str] = (),
+            layout: str | None = None) -> InspectReport:
+    """Find and resolve the attention layers of an already loaded checkpoint.
+
+    ``layout`` (``--layout NAME``) decides for tensors whose names and shapes fit several
+    packings when no config.json ``model_type`` or stored training settings do.
+    """
     overrides = parse_heads_option(heads)
-    layers, unrecognised = find_attention_layers(checkpoint.tensors)
+    context = layout_context(checkpoint.config, checkpoint.root, layout)
+    try:
+        layers, unrecognised = find_attention_layers(checkpoint.tensors, context=context)
+    except AttnvizError as error:
+        raise with_path(error, checkpoint.path) from None
     settings = settings_from(checkpoint.config, checkpoint.root)
     reports = [
         LayerReport(layer, resolve_heads(layer, overrides=overrides, settings=settings,
@@ -70,7 +83,7 @@ def analyse(checkpoint: Checkpoint, heads: Iterable[str] = ()) -> InspectReport:
     for pattern in {o.pattern for o in overrides if o.pattern}:
         if not any(fnmatch.fnmatchcase(r.layer.display_name, pattern) for r in reports):
             warnings.append(f"--heads pattern '{pattern}' matches no attention layer")
-    return InspectReport(checkpoint, reports, unrecognised, warnings)
+    return InspectReport(checkpoint, reports, unrecognised, warnings, context)
 
 
 def inspect_checkpoint(
@@ -79,9 +92,10 @@ def inspect_checkpoint(
     heads: Iterable[str] = (),
     config: str | Path | None = None,
     key: str | None = None,
+    layout: str | None = None,
 ) -> InspectReport:
     """Load a checkpoint's metadata and report its attention layers; reads no tensor values."""
-    return analyse(load_checkpoint(path, key=key, config=config), heads)
+    return analyse(load_checkpoint(path, key=key, config=config), heads, layout)
 
 
 def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -> dict[str, Any]:
@@ -101,6 +115,7 @@ def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -
         attention.append({
             "name": layer.name,
             "layout": layer.layout,
+            "layout_decided_by": layer.decided_by,
             "packing": layer.packing.value,
             "transposed": layer.transposed,
             "embed_dim": layer.embed_dim,
@@ -111,22 +126,24 @@ def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -
             "num_heads": heads.num_heads,
             "num_heads_source": heads.source,
             "num_kv_heads": heads.num_kv_heads,
+            "num_kv_heads_source": heads.kv_source,
             "head_dim": heads.head_dim,
             "has_bias": layer.has_bias,
             "dtype": layer.dtype,
             "tensors": {
                 "q": keys.get("q", keys.get("qkv")),
-                "k": keys.get("k", keys.get("qkv")),
-                "v": keys.get("v", keys.get("qkv")),
+                "k": keys.get("k", keys.get("kv", keys.get("qkv"))),
+                "v": keys.get("v", keys.get("kv", keys.get("qkv"))),
                 "out": keys.get("out"),
                 "q_bias": keys.get("q_bias", keys.get("qkv_bias")),
-                "k_bias": keys.get("k_bias", keys.get("qkv_bias")),
-                "v_bias": keys.get("v_bias", keys.get("qkv_bias")),
+                "k_bias": keys.get("k_bias", keys.get("kv_bias", keys.get("qkv_bias"))),
+                "v_bias": keys.get("v_bias", keys.get("kv_bias", keys.get("qkv_bias"))),
                 "out_bias": keys.get("out_bias"),
             },
             "other_tensors": {role: name for role, name in keys.items()
-                              if role not in {"q", "k", "v", "qkv", "out", "q_bias", "k_bias",
-                                              "v_bias", "qkv_bias", "out_bias"}},
+                              if role not in {"q", "k", "v", "qkv", "kv", "out", "q_bias",
+                                              "k_bias", "v_bias", "qkv_bias", "kv_bias",
+                                              "out_bias"}},
         })
     return {
         "schema_version": JSON_SCHEMA_VERSION,
@@ -138,6 +155,8 @@ def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -
         "other_containers": ckpt.other_containers,
         "stripped_prefix": ckpt.stripped_prefix,
         "config": str(ckpt.config_path) if ckpt.config_path else None,
+        "architecture": report.context.architecture,
+        "architecture_source": report.context.source,
         "num_tensors": len(ckpt.tensors),
         "num_parameters": ckpt.num_parameters,
         "total_bytes": ckpt.total_bytes,

@@ -4,7 +4,7 @@ checkpoint's summary and per-head weight norms, written as one self-contained HT
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from attnviz.inspection import InspectReport, analyse
 from attnviz.report_data import (
     DEFAULT_MAX_TOKENS,
     OverlayCell,
+    PairLabels,
     ReportData,
     encode_map,
     head_norms,
@@ -51,7 +52,7 @@ class ReportResult:
 
 
 def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageOptions,
-            data: ReportData) -> tuple[AttentionMaps, Callable[[int], list[str]]]:
+            data: ReportData) -> tuple[AttentionMaps, PairLabels]:
     from dataclasses import replace
 
     from attnviz.image_heatmap import image_figure, is_detr, rollout_heat
@@ -60,16 +61,18 @@ def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageO
         options = replace(options, layer="all")  # a ViT's CLS overlays for every block
     figure, maps, description = image_figure(path, ckpt, report, options)
     data.model = description
+    data.notes += figure.notes
     data.vision = vision_section(figure)
     meta = figure.metadata or {}
     if "grid" in meta:  # a ViT: add the rollout over every block
         grid, prefix = tuple(json.loads(meta["grid"])), int(meta["prefix_tokens"])
-        names = [n for n in maps if maps[n].shape[-1] == maps[n].shape[-2]]
+        names = [n for n in maps if maps[n].shape[-1] == maps[n].shape[-2]
+                 and maps[n].shape[-1] == prefix + grid[0] * grid[1]]  # not a text tower
         heat = rollout_heat(maps, names, (grid[0], grid[1]), prefix, options)
         data.vision.rows.append([OverlayCell("rollout · image", None),
                                  OverlayCell(f"rollout · {len(names)} blocks, "
                                              f"{options.head_fusion} fusion", encode_map(heat))])
-    return maps, vision_labels(figure.metadata)
+    return maps, vision_labels(figure.metadata, figure.prepared)
 
 
 def build_report(checkpoint: str | Path, output: str | Path, *,
@@ -77,7 +80,9 @@ def build_report(checkpoint: str | Path, output: str | Path, *,
                  options: ReportOptions = ReportOptions(), factory: str | None = None,
                  strict: bool = True, heads: Iterable[str] = (),
                  config: str | Path | None = None, key: str | None = None, force: bool = False,
-                 norm_first: bool = False, activation: str = "relu") -> ReportResult:
+                 norm_first: bool = False, activation: str = "relu",
+                 attn_implementation: str = "auto", layout: str | None = None
+                 ) -> ReportResult:
     """Capture, lay out and write the report; raises ``AttnvizError`` on bad input."""
     path, output = Path(checkpoint), Path(output)
     if output.suffix.lower() not in REPORT_SUFFIXES:
@@ -88,24 +93,28 @@ def build_report(checkpoint: str | Path, output: str | Path, *,
         raise UsageError(f"--alpha {options.alpha:g}: use a value in [0, 1]")
     ckpt = load_checkpoint(path, key=key, config=config)
     check_output_path(output, [path, *ckpt.files], force=force)
-    report = analyse(ckpt, heads)
+    report = analyse(ckpt, heads, layout=layout)
     data = ReportData(title=options.title or f"attnviz report: {path.name or path}",
                       summary=summary_rows(ckpt, report),
                       layers=layer_rows(report), warnings=list(report.warnings),
                       max_tokens=options.max_tokens)
     maps: AttentionMaps | None = None
-    labels: Callable[[int], list[str]] = vision_labels(None)
+    labels: PairLabels = vision_labels(None)
     if image is not None:
+        from dataclasses import replace
+
+        if attn_implementation != "auto":
+            image = replace(image, attn_implementation=attn_implementation)
         maps, labels = _vision(path, ckpt, report, image, data)
     elif request is not None:
-        from attnviz.heatmap import capture_sequence, token_labels
+        from attnviz.heatmap import capture_sequence
 
         maps, prepared, loaded = capture_sequence(path, ckpt, report, request, factory=factory,
                                                   strict=strict, norm_first=norm_first,
-                                                  activation=activation)
-        data.model, data.notes = loaded.description, list(loaded.notes)
-        source, target = prepared.source_labels, prepared.target_labels
-        labels = lambda length: token_labels(length, source, target)  # noqa: E731
+                                                  activation=activation,
+                                                  attn_implementation=attn_implementation)
+        data.model, data.notes = loaded.description, [*loaded.notes, *prepared.notes]
+        labels = prepared.labels_for
     else:
         data.notes.append("no input given: pass --text, --tokens, --input, --seq-len or --image "
                           "for attention maps")

@@ -138,9 +138,12 @@ def block_size(length: int, max_tokens: int) -> int:
     return max(1, math.ceil(length / max_tokens))
 
 
-def map_layers(maps: AttentionMaps, labels: Callable[[int], list[str]], *,
-               max_tokens: int) -> list[MapLayer]:
-    """Every captured module's maps of batch item 0; ``labels(length)`` names a side's tokens."""
+PairLabels = Callable[[str, int, int], tuple[list[str], list[str]]]
+
+
+def map_layers(maps: AttentionMaps, labels: PairLabels, *, max_tokens: int) -> list[MapLayer]:
+    """Every captured module's maps of batch item 0; ``labels(name, rows, cols)`` names the
+    tokens of a layer's query rows and key columns."""
     if max_tokens < 8:
         raise UsageError(f"--max-tokens {max_tokens}: use 8 or more")
     layers = []
@@ -149,12 +152,14 @@ def map_layers(maps: AttentionMaps, labels: Callable[[int], list[str]], *,
         heads, query_len, key_len = stack.shape
         block = block_size(max(query_len, key_len), max_tokens)
 
-        def side(length: int) -> list[str]:
-            return labels(length) if length <= MAX_LABELS else [str(i) for i in range(length)]
+        rows, cols = labels(name, query_len, key_len)
+
+        def side(names: list[str], length: int) -> list[str]:
+            return names if length <= MAX_LABELS else [str(i) for i in range(length)]
 
         layers.append(MapLayer(name or "(root)", query_len, key_len, block,
                                [encode_map(stack[h], block) for h in range(heads)],
-                               side(query_len), side(key_len)))
+                               side(rows, query_len), side(cols, key_len)))
     return layers
 
 
@@ -225,8 +230,9 @@ def summary_rows(ckpt: Checkpoint, report: InspectReport) -> list[tuple[str, str
             ("attention layers", str(len(report.layers)))]
 
 
-def vision_labels(metadata: dict[str, str] | None) -> Callable[[int], list[str]]:
-    """Token names for vision maps: prefix tokens then patch cells (row, col); DETR queries."""
+def vision_labels(metadata: dict[str, str] | None, prepared: Any = None) -> PairLabels:
+    """Token names for vision maps: prefix tokens then patch cells (row, col); DETR queries.
+    With an HF ``PreparedCall`` (CLIP), layers over text take its token labels."""
     meta = metadata or {}
     grid = json.loads(meta.get("grid") or meta.get("feature_size") or "[0, 0]")
     prefix = int(meta.get("prefix_tokens", "0"))
@@ -240,5 +246,12 @@ def vision_labels(metadata: dict[str, str] | None) -> Callable[[int], list[str]]
             return [f"query {i}" for i in range(length)]
         return [str(i) for i in range(length)]
 
-    return labels
+    def pair(name: str, rows: int, cols: int) -> tuple[list[str], list[str]]:
+        if prepared is not None and prepared.layer_sides is not None and "image" not in \
+                prepared.layer_sides(name.split("#")[0]):
+            result: tuple[list[str], list[str]] = prepared.labels_for(name, rows, cols)
+            return result
+        return labels(rows), labels(cols)
+
+    return pair
 

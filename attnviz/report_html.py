@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from importlib import resources
 from typing import Any
 
 from attnviz import __version__
 from attnviz.report_data import HeadMap, NormRow, ReportData
+from attnviz.text_safety import script_json
 
 MAP_COLOURS = "viridis"
 OVERLAY_COLOURS = "inferno"
@@ -139,8 +139,9 @@ enlarge it.</p><div id="overlay-grid"></div></section>""")
                      "Key/value tables have one column per key/value head; shading runs from each "
                      "table's smallest norm to its largest.</p>"
                      f"{_norm_tables(data.norms)}</section>")
-    payload = json.dumps(page_data(data, alpha=alpha), separators=(",", ":"))
-    payload = payload.replace("</", "<\\/")  # a token like '</script>' must not end the block
+    # no '<' at all in the block: neither '</script>' nor '<!--<script>' (which would switch
+    # the HTML tokenizer to its "double-escaped" state and swallow the page's code) can occur
+    payload = script_json(page_data(data, alpha=alpha))
     parts.append(f"""<div id="detail" hidden><div class="panel">
 <div class="bar"><button id="prev" title="previous head (←)">←</button><span id="detail-title">
 </span><button id="next" title="next head (→)">→</button><button id="close" title="close (Esc)">

@@ -28,16 +28,53 @@ class SequenceRequest:
     tgt_seq_len: int | None = None
     causal: bool = False
     pad: int = 0
+    tgt_tokens: str | None = None  # HF encoder-decoders: decoder_input_ids
+    tgt_text: str | None = None  # HF encoder-decoders: tokenised, shifted right
+    audio: Path | None = None  # HF speech models: a WAV file
+    image: Path | None = None  # HF multi-tower models (CLIP): the vision tower's input
 
 
 @dataclass
 class PreparedCall:
-    """A ready forward pass and the labels of the sequences it attends over."""
+    """A ready forward pass and the labels of the sequences it attends over.
+
+    HF models also carry ``inputs``, the exact kwargs given to ``module`` of the model ('' =
+    the model itself), the labels of each side (``sides``: 'source', 'target', 'image') and
+    ``layer_sides``, which says which sides a layer's rows and columns are."""
 
     run: Callable[[], Any]
     source_labels: list[str]
     target_labels: list[str] = field(default_factory=list)
     padded: int = 0
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    module: str = ""
+    sides: dict[str, list[str]] = field(default_factory=dict)
+    layer_sides: Callable[[str], tuple[str, str]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def labels_for(self, name: str, rows: int, cols: int) -> tuple[list[str], list[str]]:
+        """Labels of a layer's query rows and key columns."""
+        if self.layer_sides is None:
+            return (token_labels(rows, self.source_labels, self.target_labels),
+                    token_labels(cols, self.source_labels, self.target_labels))
+        row_side, col_side = self.layer_sides(name.split("#")[0])
+        return (_fit(self.sides.get(row_side, []), rows),
+                _fit(self.sides.get(col_side, []), cols))
+
+
+def _fit(labels: list[str], length: int) -> list[str]:
+    return labels if len(labels) == length else [str(i) for i in range(length)]
+
+
+def token_labels(length: int, source: list[str], target: list[str]) -> list[str]:
+    """Labels of a map side of ``length`` when only the lengths tell the sides apart."""
+    if target and length == len(target) and length != len(source):
+        return target
+    if length == len(source):
+        return source
+    if target and length == len(target):
+        return target
+    return [str(i) for i in range(length)]
 
 
 def read_embeddings(path: Path) -> torch.Tensor:
@@ -95,6 +132,14 @@ def prepare(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
     """Turn the user's flags into one forward call of ``loaded.model``."""
     if loaded.kind == "hf":
         return _prepare_hf(loaded, request)
+    hf_only = [flag for flag, value in (("--tgt-tokens", request.tgt_tokens),
+                                        ("--tgt-text", request.tgt_text),
+                                        ("--audio", request.audio), ("--image", request.image))
+               if value is not None]
+    if hf_only:
+        raise UsageError(f"{', '.join(hf_only)} need an HF model directory",
+                         hint="rebuilt nn.Transformer models take --input/--seq-len and "
+                              "--tgt-input/--tgt-seq-len")
     if request.text is not None:
         raise UsageError("--text needs a tokenizer, which only an HF model directory provides",
                          hint="use --tokens, --input or --seq-len")
@@ -149,28 +194,6 @@ def _prepare_factory(loaded: LoadedModel, request: SequenceRequest) -> PreparedC
 
 
 def _prepare_hf(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if request.text is not None:
-        if tokenizer is None:
-            raise UsageError("this model directory has no tokenizer for --text",
-                             hint="use --tokens 101,2023,102")
-        batch = tokenizer([request.text], return_tensors="pt")
-        ids, attention = batch["input_ids"], batch["attention_mask"]
-    elif request.tokens is not None:
-        ids = _token_ids(request)
-        attention = torch.ones_like(ids)
-    else:
-        raise UsageError("an HF model needs --text or --tokens")
-    if request.pad:
-        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        ids = torch.cat([ids, torch.full((1, request.pad), pad_id)], dim=1)  # (1, L + pad)
-        attention = torch.cat([attention, torch.zeros(1, request.pad, dtype=attention.dtype)],
-                              dim=1)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and ids.shape[1] > limit:
-        raise UsageError(f"the input is {ids.shape[1]} tokens; this model takes at most {limit} "
-                         "(config.json max_position_embeddings)", hint="shorten --text")
-    labels = (tokenizer.convert_ids_to_tokens(ids[0].tolist()) if tokenizer is not None
-              else [str(i) for i in ids[0].tolist()])
-    return PreparedCall(lambda: model(input_ids=ids, attention_mask=attention), labels,
-                        padded=request.pad)
+    from attnviz.models.hf_inputs import prepare_hf
+
+    return prepare_hf(loaded, request)

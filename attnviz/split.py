@@ -128,8 +128,29 @@ def _linear(tensor: Array, transposed: bool) -> Array:
     return tensor.T if transposed and len(tensor.shape) == 2 else tensor
 
 
+@dataclass(frozen=True)
+class RowOrder:
+    """SHARDED packings: model-parallel blocks and the order of q, k, v inside each."""
+
+    shards: int = 1
+    order: str = "qkv"
+
+
+def row_order(layer: AttentionLayer) -> RowOrder:
+    """The layer's block structure, declared by its layout record."""
+    if layer.packing is not Packing.SHARDED:
+        return RowOrder()
+    from attnviz.layouts.registry import LAYOUTS_BY_NAME
+
+    spec = LAYOUTS_BY_NAME.get(layer.layout)
+    if spec is None:
+        raise CheckpointError(f"layer '{layer.display_name}': unknown sharded layout "
+                              f"'{layer.layout}'")
+    return RowOrder(spec.shards, spec.order)
+
+
 def unpack_rows(packed: Array, packing: Packing, heads: int, kv_heads: int,
-                head_dim: int) -> tuple[Array, Array, Array]:
+                head_dim: int, blocks: RowOrder = RowOrder()) -> tuple[Array, Array, Array]:
     """Split fused rows (dim 0) into q (H*d, ...), k (Hkv*d, ...), v (Hkv*d, ...)."""
     rest = packed.shape[1:]
     q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
@@ -138,6 +159,15 @@ def unpack_rows(packed: Array, packing: Packing, heads: int, kv_heads: int,
                          f"d={head_dim}")
     if packing in (Packing.BLOCKED, Packing.SEPARATE):  # SEPARATE: torch MHA's packed bias
         q, k, v = _Ops(packed).split_rows(packed, [q_rows, kv_rows, kv_rows])
+        return q, k, v
+    if packing is Packing.SHARDED:
+        shards = blocks.shards
+        if kv_heads != heads or q_rows % shards:
+            raise HeadsError(f"{shards} model-parallel blocks need H == Hkv and E={q_rows} "
+                             f"divisible by {shards}")
+        sharded = packed.reshape(shards, 3, q_rows // shards, *rest)  # (S, 3, E/S, ...)
+        q, k, v = (sharded[:, blocks.order.index(role)].reshape(q_rows, *rest)  # (E, ...)
+                   for role in "qkv")
         return q, k, v
     if packing is Packing.INTERLEAVED:
         per_head = packed.reshape(heads, 3, head_dim, *rest)  # (H, 3, d, ...)
@@ -151,11 +181,17 @@ def unpack_rows(packed: Array, packing: Packing, heads: int, kv_heads: int,
 
 
 def pack_rows(q: Array, k: Array, v: Array, packing: Packing, heads: int, kv_heads: int,
-              head_dim: int) -> Array:
+              head_dim: int, blocks: RowOrder = RowOrder()) -> Array:
     """Inverse of ``unpack_rows``."""
     ops, rest = _Ops(q), q.shape[1:]
     if packing in (Packing.BLOCKED, Packing.SEPARATE):
         return ops.cat([q, k, v])
+    if packing is Packing.SHARDED:
+        by_role = {"q": q, "k": k, "v": v}
+        shards, rows = blocks.shards, q.shape[0]
+        sharded = ops.stack([by_role[role].reshape(shards, rows // shards, *rest)  # (S, E/S, .)
+                             for role in blocks.order], dim=1)  # (S, 3, E/S, ...)
+        return sharded.reshape(3 * rows, *rest)
     if packing is Packing.INTERLEAVED:
         parts = [t.reshape(heads, head_dim, *rest) for t in (q, k, v)]  # each (H, d, ...)
         return ops.stack(parts, dim=1).reshape(3 * heads * head_dim, *rest)  # (H*3*d, ...)
@@ -179,15 +215,24 @@ def split_heads(layer: AttentionLayer, heads: HeadsInfo,
                 tensors: Mapping[str, Array]) -> HeadWeights:
     """Split one layer's stored tensors (by source key) into per-head weights."""
     num_heads, kv_heads, d = _geometry(layer, heads)
-    keys = layer.keys
+    keys, blocks = layer.keys, row_order(layer)
     if layer.packing is Packing.SEPARATE:
         wq, wk, wv = (tensors[keys[r]] for r in ("q", "k", "v"))
+    elif layer.packing is Packing.KV_FUSED:
+        wq = _linear(tensors[keys["q"]], layer.transposed)  # (H*d, E)
+        kv = _linear(tensors[keys["kv"]], layer.transposed)  # (2*Hkv*d, kdim)
+        wk, wv = _Ops(kv).split_rows(kv, [kv_heads * d, kv_heads * d])
     else:
         fused = _linear(tensors[keys["qkv"]], layer.transposed)  # (rows, E)
-        wq, wk, wv = unpack_rows(fused, layer.packing, num_heads, kv_heads, d)
+        wq, wk, wv = unpack_rows(fused, layer.packing, num_heads, kv_heads, d, blocks)
     if "qkv_bias" in keys:
-        bq, bk, bv = unpack_rows(tensors[keys["qkv_bias"]], layer.packing, num_heads, kv_heads, d)
+        bq, bk, bv = unpack_rows(tensors[keys["qkv_bias"]], layer.packing, num_heads, kv_heads, d,
+                                 blocks)
         biases: list[Array | None] = [bq, bk, bv]
+    elif "kv_bias" in keys:
+        kv_bias = tensors[keys["kv_bias"]]
+        bk, bv = _Ops(kv_bias).split_rows(kv_bias, [kv_heads * d, kv_heads * d])
+        biases = [tensors[keys["q_bias"]] if "q_bias" in keys else None, bk, bv]
     else:
         biases = [tensors[keys[r]] if r in keys else None for r in ("q_bias", "k_bias", "v_bias")]
     o = o_bias = None
@@ -216,19 +261,29 @@ def merge_heads(hw: HeadWeights) -> dict[str, Array]:
     wk = hw.k.reshape(kv_heads * d, -1)  # (Hkv*d, kdim)
     wv = hw.v.reshape(kv_heads * d, -1)
     out: dict[str, Array] = {}
-    ops = _Ops(hw.q)
+    ops, blocks = _Ops(hw.q), row_order(layer)
     if layer.packing is Packing.SEPARATE:
         out.update({keys["q"]: wq, keys["k"]: wk, keys["v"]: wv})
+    elif layer.packing is Packing.KV_FUSED:
+        out[keys["q"]] = _linear(wq, layer.transposed)
+        out[keys["kv"]] = _linear(ops.cat([wk, wv]), layer.transposed)  # (2*Hkv*d, kdim)
     else:
-        fused = pack_rows(wq, wk, wv, layer.packing, heads, kv_heads, d)  # (rows, E)
+        fused = pack_rows(wq, wk, wv, layer.packing, heads, kv_heads, d, blocks)  # (rows, E)
         out[keys["qkv"]] = _linear(fused, layer.transposed)
     flat = [None if b is None else b.reshape(-1) for b in (hw.q_bias, hw.k_bias, hw.v_bias)]
-    if "qkv_bias" in keys:
-        if any(b is None for b in flat):
-            raise CheckpointError(f"layer '{layer.display_name}': the packed bias needs q, k "
-                                  "and v biases")
-        bq, bk, bv = (b for b in flat if b is not None)
-        out[keys["qkv_bias"]] = pack_rows(bq, bk, bv, layer.packing, heads, kv_heads, d)
+    for packed_role, roles in (("qkv_bias", (0, 1, 2)), ("kv_bias", (1, 2))):
+        if packed_role not in keys:
+            continue
+        parts = [flat[i] for i in roles]
+        if any(b is None for b in parts):
+            raise CheckpointError(f"layer '{layer.display_name}': the packed bias needs "
+                                  f"{' and '.join('qkv'[i] for i in roles)} biases")
+        if packed_role == "kv_bias":
+            out[keys["kv_bias"]] = ops.cat(parts)
+        else:
+            bq, bk, bv = parts
+            out[keys["qkv_bias"]] = pack_rows(bq, bk, bv, layer.packing, heads, kv_heads, d,
+                                              blocks)
     for role, bias in zip(("q_bias", "k_bias", "v_bias"), flat, strict=True):
         if role in keys and bias is not None:
             out[keys[role]] = bias
@@ -244,7 +299,8 @@ def merge_heads(hw: HeadWeights) -> dict[str, Array]:
 
 def source_keys(layer: AttentionLayer, *, out_proj: bool = True) -> list[str]:
     """The stored tensors ``split_heads`` reads for a layer."""
-    roles = ["q", "k", "v", "qkv", "qkv_bias", "q_bias", "k_bias", "v_bias", *CARRIED_ROLES]
+    roles = ["q", "k", "v", "qkv", "kv", "qkv_bias", "kv_bias", "q_bias", "k_bias", "v_bias",
+             *CARRIED_ROLES]
     if out_proj:
         roles += ["out", "out_bias"]
     return [layer.keys[r] for r in roles if r in layer.keys]

@@ -19,7 +19,6 @@ import numpy as np
 from attnviz import __version__
 from attnviz.arrays import dtype_of, placeholder, to_torch
 from attnviz.atomic import atomic_output, check_output_path
-from attnviz.checkpoint import load_checkpoint
 from attnviz.errors import (
     AttnvizError,
     CheckpointError,
@@ -27,10 +26,11 @@ from attnviz.errors import (
     NoAttentionError,
     UsageError,
     did_you_mean,
+    with_path,
 )
 from attnviz.heads import HeadsInfo
 from attnviz.inspection import LayerReport, inspect_checkpoint
-from attnviz.layouts.spec import AttentionLayer, Packing
+from attnviz.layouts.spec import AttentionLayer
 from attnviz.source_hash import BackgroundHash
 from attnviz.split import (
     DEFAULT_TOLERANCE,
@@ -40,6 +40,7 @@ from attnviz.split import (
     source_keys,
     split_heads,
 )
+from attnviz.split_metadata import check_parts, parse_layers, read_split
 from attnviz.tensor_writers import (
     NpzWriter,
     PlannedTensor,
@@ -67,6 +68,7 @@ class LayerDone:
     heads: HeadsInfo
     tensors: int
     verify: Any  # attnviz.verify.VerifyResult when --verify
+    hf_verify: Any = None  # attnviz.verify_hf.HfCheck when --verify on an HF directory
 
 
 @dataclass
@@ -78,6 +80,7 @@ class SplitResult:
     bytes_written: int = 0
     sidecar: Path | None = None
     upcast: list[str] = field(default_factory=list)
+    hf_reference: str | None = None  # what --verify compared with beyond the layout's own math
 
 
 def head_tensors(hw: HeadWeights, *, stacked: bool = False,
@@ -126,22 +129,6 @@ def layer_record(item: LayerReport, *, stacked: bool, out_proj: bool) -> dict[st
     }
 
 
-def layer_from_record(record: dict[str, Any]) -> tuple[AttentionLayer, HeadsInfo]:
-    try:
-        layer = AttentionLayer(
-            name=record["name"], layout=record["layout"], packing=Packing(record["packing"]),
-            transposed=bool(record["transposed"]), keys=dict(record["keys"]),
-            embed_dim=record["embed_dim"], kdim=record["kdim"], vdim=record["vdim"],
-            q_rows=record["q_rows"], kv_rows=record["kv_rows"], fused_rows=record["fused_rows"],
-            out_features=record["out_features"], has_bias=record["has_bias"],
-            dtype=record["dtype"])
-        heads = HeadsInfo(record["num_heads"], record["heads_source"], record["num_kv_heads"],
-                          record["head_dim"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"split metadata is incomplete ({exc})") from exc
-    return layer, heads
-
-
 def _select(items: list[LayerReport], pattern: str | None, path: Path) -> list[LayerReport]:
     chosen = [i for i in items if pattern is None or fnmatch.fnmatchcase(i.layer.display_name,
                                                                          pattern)]
@@ -179,6 +166,7 @@ def split_checkpoint(
     tolerance: float = DEFAULT_TOLERANCE,
     on_layer: Callable[[LayerDone], None] | None = None,
     hashing: BackgroundHash | None = None,
+    layout: str | None = None,
 ) -> SplitResult:
     """Write every selected layer's per-head weights to ``output``; see module docstring.
 
@@ -192,7 +180,8 @@ def split_checkpoint(
     try:
         return _split(source, output, hashing, heads=heads, config=config, key=key,
                       layers=layers, fmt=fmt, stacked=stacked, out_proj=out_proj,
-                      verify=verify, force=force, tolerance=tolerance, on_layer=on_layer)
+                      verify=verify, force=force, tolerance=tolerance, on_layer=on_layer,
+                      layout=layout)
     finally:
         hashing.cancel()
 
@@ -200,11 +189,14 @@ def split_checkpoint(
 def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: Iterable[str],
            config: str | Path | None, key: str | None, layers: str | None, fmt: str,
            stacked: bool, out_proj: bool, verify: bool, force: bool, tolerance: float,
-           on_layer: Callable[[LayerDone], None] | None) -> SplitResult:
-    report = inspect_checkpoint(checkpoint, heads=heads, config=config, key=key)
+           on_layer: Callable[[LayerDone], None] | None, layout: str | None) -> SplitResult:
+    report = inspect_checkpoint(checkpoint, heads=heads, config=config, key=key, layout=layout)
     ckpt = report.checkpoint
     selected = _select(report.layers, layers, checkpoint)
-    check_output_path(output, [checkpoint, *ckpt.files], force=force)
+    check_output_path(output, [checkpoint, *ckpt.inputs], force=force)
+    sidecar = output.with_name(output.name + ".json") if fmt != "safetensors" else None
+    if sidecar is not None:  # before anything is written
+        check_output_path(sidecar, [checkpoint, *ckpt.inputs, output], force=force)
     if hashing.paths != ckpt.files:  # a directory or sharded checkpoint: hash its weight files
         hashing.restart(ckpt.files)
 
@@ -227,6 +219,9 @@ def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: It
     }
     result = SplitResult(output=output, format=fmt)
     failures: list[Any] = []
+    hf_checks: dict[str, Any] = {}
+    if verify:
+        result.hf_reference, hf_checks = _verify_with_transformers(checkpoint, ckpt, selected)
     with atomic_output(output) as temp:
         writer = open_writer(fmt, temp, plan, metadata)
         try:
@@ -242,8 +237,11 @@ def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: It
                 checked = _verify(hw, source) if verify else None
                 if checked is not None and not checked.ok(tolerance):
                     failures.append(checked)
+                hf_check = hf_checks.get(item.layer.name)
+                if hf_check is not None and not hf_check.ok():
+                    failures.append(hf_check)
                 done = LayerDone(index, len(selected), item.layer.display_name,
-                                 item.layer.layout, item.heads, len(tensors), checked)
+                                 item.layer.layout, item.heads, len(tensors), checked, hf_check)
                 result.layers.append(done)
                 if on_layer is not None:
                     on_layer(done)
@@ -259,19 +257,46 @@ def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: It
             result.upcast = writer.upcast
             metadata["upcast_to_float32"] = json.dumps(writer.upcast)
         if failures:
-            worst = max(failures, key=lambda r: max(r.max_abs_error, r.max_abs_error_weights))
+            worst = max(failures, key=lambda r: r.max_abs_error)
+            reference = getattr(worst, "reference", None) or f"transformers {worst.module}"
+            why = f" ({worst.problem})" if getattr(worst, "problem", None) else ""
             raise VerificationError(
-                f"--verify: {len(failures)} layer(s) differ from {worst.reference}, worst "
-                f"'{worst.layer}' max abs error {worst.max_abs_error:.3g} (tolerance "
-                f"{tolerance:g}); no output written", path=checkpoint,
-                hint="please report this with the --debug output")
-        if fmt != "safetensors":
-            sidecar = output.with_name(output.name + ".json")
-            check_output_path(sidecar, [Path(checkpoint)], force=force)
+                f"--verify: {len(failures)} layer(s) differ from {reference}, worst "
+                f"'{worst.layer}' max abs error {worst.max_abs_error:.3g}{why}; no output "
+                "written", path=checkpoint,
+                hint="if the layout is wrong, pass --layout NAME; otherwise please report "
+                     "this with the --debug output")
+        if sidecar is not None:
             with atomic_output(sidecar) as side_temp:
                 side_temp.write_text(json.dumps(metadata, indent=2) + "\n")
             result.sidecar = sidecar
     return result
+
+
+def _verify_with_transformers(path: Path, ckpt: Any,
+                              selected: list[LayerReport]) -> tuple[str | None, dict[str, Any]]:
+    """For an HF model directory: every selected layer against the HF module's own q/k/v."""
+    from attnviz.models.sources import is_hf_directory
+
+    if not is_hf_directory(path):
+        return None, {}
+    try:
+        import transformers  # noqa: F401 - only whether the hf extra is there
+    except ImportError:
+        return None, {}
+    from attnviz.verify_hf import verify_directory
+
+    splits = {}
+    for item in selected:
+        source = {name: to_torch(ckpt.read_array(name)) for name in source_keys(item.layer)}
+        splits[item.layer.name] = split_heads(item.layer, item.heads, source)
+    from attnviz.models.torch_transformer import ModelBuildError
+
+    try:
+        reference, checks = verify_directory(path, splits)
+    except ModelBuildError as error:  # e.g. a model_type this transformers does not know
+        return f"not transformers ({error.message})", {}
+    return reference, {check.layer: check for check in checks}
 
 
 def _verify(hw: HeadWeights, source: dict[str, Array]) -> Any:
@@ -286,25 +311,6 @@ class MergeResult:
     output: Path
     layers: int
     tensors: int
-
-
-def _read_split(path: Path) -> tuple[dict[str, str], Callable[[str], Array], set[str]]:
-    """Metadata, an array reader and the tensor names of a split file in any format."""
-    sidecar = path.with_name(path.name + ".json")
-    if path.suffix == ".npz":
-        import numpy as np
-
-        if not sidecar.is_file():
-            raise CheckpointError("npz split has no sidecar JSON", path=path,
-                                  hint=f"expected {sidecar.name} beside it")
-        archive = np.load(path, allow_pickle=False)
-        metadata = json.loads(sidecar.read_text())
-        return metadata, lambda name: archive[name], set(archive.files)
-    ckpt = load_checkpoint(path, strip_prefixes=False)  # names must match the metadata's
-    metadata = dict(ckpt.metadata)
-    if metadata.get("format") != SPLIT_FORMAT and sidecar.is_file():
-        metadata = json.loads(sidecar.read_text())
-    return metadata, ckpt.read_array, set(ckpt.tensors)
 
 
 def _gather(layer: AttentionLayer, heads: HeadsInfo, record: dict[str, Any],
@@ -341,19 +347,25 @@ def merge_split(split: str | Path, output: str | Path, *, force: bool = False) -
     fmt = format_for(output, None)
     if fmt == "npz":
         raise UsageError("merge-qkv writes .safetensors or .pt/.pth, not .npz", path=output)
-    metadata, read, names = _read_split(split)
+    metadata, ckpt = read_split(split)
     if metadata.get("format") != SPLIT_FORMAT:
         raise CheckpointError("not an attnviz split file (no attnviz split metadata)",
                               path=split, hint="pass a file written by 'attnviz split-qkv'")
-    check_output_path(output, [split], force=force)
-    try:
-        records = json.loads(metadata["layers"])
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError("split metadata 'layers' is unreadable", path=split) from exc
+    check_output_path(output, [split, *ckpt.inputs], force=force)
+    records = parse_layers(metadata, ckpt, split)
+    names = set(ckpt.tensors)
     merged: dict[str, Array] = {}
-    for record in records:
-        layer, heads = layer_from_record(record)
-        merged.update(merge_heads(_gather(layer, heads, record, read, names)))
+    for item in records:
+        try:
+            hw = _gather(item.layer, item.heads, item.record, ckpt.read_array, names)
+            check_parts(item, {"q": hw.q, "k": hw.k, "v": hw.v, "q_bias": hw.q_bias,
+                               "k_bias": hw.k_bias, "v_bias": hw.v_bias, "o": hw.o}, split)
+            merged.update(merge_heads(hw))
+        except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes the record lied about
+            raise CheckpointError(f"layer '{item.layer.display_name[:200]}' does not fit its "
+                                  f"split metadata ({str(exc)[:120]})", path=split) from exc
+        except AttnvizError as exc:
+            raise with_path(exc, split) from exc
     plan = [PlannedTensor(name, tuple(a.shape), dtype_of(a)) for name, a in merged.items()]
     with atomic_output(output) as temp:
         writer = open_writer(fmt, temp, plan, {"source": split.name})

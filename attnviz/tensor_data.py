@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from attnviz.arrays import read_array, to_torch
+from attnviz.arrays import ReadBudget, read_array, to_torch
 
 if TYPE_CHECKING:
     import torch
@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from attnviz.checkpoint import TensorInfo
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read only the bytes this tensor's view spans, as a torch tensor of its dtype."""
-    return to_torch(read_array(info))
+def read_tensor(info: TensorInfo, budget: ReadBudget | None = None) -> torch.Tensor:
+    """Read only the bytes this tensor's view spans, as a torch tensor of its dtype.
+
+    Goes through ``attnviz.arrays.read_array``, the one checked read; ``Checkpoint.read_tensor``
+    passes the checkpoint's budget.
+    """
+    return to_torch(read_array(info, budget))

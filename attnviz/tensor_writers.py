@@ -20,7 +20,7 @@ import numpy as np
 
 from attnviz.arrays import dtype_of, to_torch
 from attnviz.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES
-from attnviz.errors import AttnvizError, UsageError
+from attnviz.errors import AttnvizError, OutputError, UsageError
 
 FORMATS = ("safetensors", "pt", "npz")
 SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
@@ -156,7 +156,14 @@ class PtWriter:
     def finish(self) -> None:
         import torch
 
-        torch.save(self._tensors, self._path)
+        # through a Python file, so a full disk is an OSError (ENOSPC) that atomic_output
+        # reports as one line; torch's own writer reports it as a RuntimeError
+        with self._path.open("wb") as handle:
+            try:
+                torch.save(self._tensors, handle)
+            except RuntimeError as exc:
+                raise OutputError(f"torch.save failed ({str(exc)[:200]})", path=self._path,
+                                  hint="check free disk space and permissions") from exc
 
     def close(self) -> None:
         self._tensors = {}

@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from attnviz.layouts.spec import AttentionLayer, Packing
-from attnviz.split import DEFAULT_TOLERANCE, HeadWeights
+from attnviz.split import DEFAULT_TOLERANCE, HeadWeights, row_order
 
 MHA_LAYOUTS = frozenset({"torch_mha", "torch_mha_kvdim"})
 
@@ -103,6 +103,12 @@ def _sdpa_reference(layer: AttentionLayer, hw: HeadWeights, source: Mapping[str,
             bias = source[keys[f"{role}_bias"]] if f"{role}_bias" in keys else None
             return F.linear(x, source[keys[role]], bias)
         q, k, v = proj("q", query), proj("k", key), proj("v", value)  # (B, L|S, rows)
+    elif layer.packing is Packing.KV_FUSED:  # GPT-2 cross-attention: split(E, dim=2) of k|v
+        q = _project(query, source[keys["q"]], source.get(keys.get("q_bias", "")),
+                     layer.transposed)  # (B, L, H*d)
+        kv = _project(key, source[keys["kv"]], source.get(keys.get("kv_bias", "")),
+                      layer.transposed)  # (B, S, 2*Hkv*d)
+        k, v = torch.split(kv, kv_heads * d, dim=2)
     else:
         bias = source.get(keys.get("qkv_bias", ""))
         if bias is None and ("q_bias" in keys or "v_bias" in keys):  # BEiT: k has no bias
@@ -113,6 +119,13 @@ def _sdpa_reference(layer: AttentionLayer, hw: HeadWeights, source: Mapping[str,
         qkv = _project(query, source[keys["qkv"]], bias, layer.transposed)  # (B, L, rows)
         if layer.packing is Packing.BLOCKED:
             q, k, v = torch.split(qkv, [heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        elif layer.packing is Packing.SHARDED:  # CodeGen: view(B, L, mp, 3 * E/mp), q v k
+            blocks = row_order(layer)
+            local = heads * d // blocks.shards
+            parts = torch.split(qkv.view(batch, length, blocks.shards, 3 * local), local,
+                                dim=-1)
+            named = dict(zip(blocks.order, parts, strict=True))  # each (B, L, mp, E/mp)
+            q, k, v = (named[role].reshape(batch, length, heads * d) for role in "qkv")
         elif layer.packing is Packing.INTERLEAVED:  # GPT-NeoX / BLOOM
             q, k, v = torch.split(qkv.view(batch, length, heads, 3 * d), d, dim=-1)  # (B, L, H, d)
         else:  # Falcon / InternLM2 grouped
@@ -152,11 +165,11 @@ def verify_split(hw: HeadWeights, source: Mapping[str, torch.Tensor], *, seed: i
     source64 = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in source.items()}
     hw64 = _float64(hw)
     query = torch.randn(batch, length, layer.embed_dim, generator=generator, dtype=torch.float64)
-    if layer.packing is Packing.SEPARATE:  # separate projections: a cross-attention check
+    if layer.packing in (Packing.SEPARATE, Packing.KV_FUSED):  # a cross-attention check
         key = torch.randn(batch, source_length, layer.kdim, generator=generator,
                           dtype=torch.float64)
-        value = torch.randn(batch, source_length, layer.vdim, generator=generator,
-                            dtype=torch.float64)
+        value = key if layer.packing is Packing.KV_FUSED else torch.randn(  # k|v read one input
+            batch, source_length, layer.vdim, generator=generator, dtype=torch.float64)
     else:  # one fused projection reads one input
         key = value = query
     mine, my_weights = per_head_attention(hw64, query, key, value)

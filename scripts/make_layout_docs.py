@@ -16,9 +16,18 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "layouts.md"
 
 
 def _keys(spec: LayoutSpec) -> str:
-    parts = [t for t in (spec.qkv, spec.q, spec.k, spec.v) if t]
+    parts = [t for t in (spec.qkv, spec.q, spec.k, spec.v, spec.kv) if t]
     parts += [" or ".join(spec.out)] if spec.out else []
     return ", ".join(f"`{p}`" for p in parts)
+
+
+def _architectures(spec: LayoutSpec) -> str:
+    text = ", ".join(f"`{a}`" for a in spec.architectures) or "any"
+    if spec.exclusive:
+        text = f"only {text}"
+    if spec.not_for:
+        text += "; never for " + ", ".join(f"`{a}`" for a in spec.not_for)
+    return text
 
 
 def render() -> str:
@@ -26,19 +35,38 @@ def render() -> str:
         "# Supported checkpoint layouts",
         "",
         "Generated from `attnviz/layouts/registry.py` by `scripts/make_layout_docs.py`.",
-        "`{p}` is the layer prefix, `{parent}` the module above it. Layouts are tried in this",
-        "order; the first whose anchor, sibling tensors and shape rule all fit claims the",
-        "tensors. Packings (Linear orientation, rows = outputs): `separate` q/k/v tensors;",
-        "`blocked` rows [Q (H*d) | K (Hkv*d) | V (Hkv*d)]; `interleaved` rows (H, 3, d);",
-        "`grouped` rows (Hkv, H/Hkv + 2, d).",
+        "`{p}` is the layer prefix, `{parent}` the module above it. Packings (Linear",
+        "orientation, rows = outputs): `separate` q/k/v tensors; `blocked` rows",
+        "[Q (H*d) | K (Hkv*d) | V (Hkv*d)]; `interleaved` rows (H, 3, d); `grouped` rows",
+        "(Hkv, H/Hkv + 2, d); `sharded` rows (S, 3, E/S) with the order of q, k, v inside each",
+        "model-parallel block given in the description; `kv_fused` q in its own tensor, k and v",
+        "in one, rows [K | V].",
         "",
-        "| layout | description | examples | keys | packing | stored | shape rule |",
-        "|---|---|---|---|---|---|---|",
+        "## Which layout claims a tensor",
+        "",
+        "Every layout whose anchor, sibling tensors and shape rule fit is a candidate. Key names",
+        "and shapes alone can fit packings that split the same tensor differently (`c_attn`",
+        "`[3E, E]` is nanoGPT's blocked q|k|v and GPT-BigCode's per-head interleaved rows;",
+        "`qkv_proj` `[3E, E]` without a bias is blocked in custom encoders and four",
+        "model-parallel blocks in CodeGen). Then the architecture decides: config.json",
+        "`model_type` (beside the file, or `--config`), or a training script's settings stored",
+        "in the checkpoint (`model_args`: nanoGPT). A layout marked *only* applies just to the",
+        "architectures it names; *never for* lists architectures it must not be used for; a",
+        "layout that names the architecture wins over generic ones. When candidates still",
+        "disagree, attnviz stops with an error that lists them and asks for `--layout NAME`",
+        "(inspect, split-qkv, heatmap, report): it never guesses. `--verify` on an HF model",
+        "directory also compares every head's q, k and v with what the transformers module",
+        "computes, so a wrong packing cannot pass.",
+        "",
+        "| layout | description | examples | architectures | keys | packing | stored | "
+        "shape rule |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for spec in LAYOUTS:
         description = spec.description.replace("|", "\\|")  # a bare '|' would split the cell
         lines.append(
-            f"| `{spec.name}` | {description} | {spec.examples} | {_keys(spec)} | "
+            f"| `{spec.name}` | {description} | {spec.examples} | {_architectures(spec)} | "
+            f"{_keys(spec)} | "
             f"{spec.packing.value} | {'(in, out)' if spec.transposed else '(out, in)'} | "
             f"{spec.shape_rule.value} |"
         )

@@ -46,3 +46,15 @@ def save(tmp_path: Path) -> SaveFn:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The conformance zoo's matrix, when the zoo ran."""
+    import sys
+
+    matrix = sys.modules.get("tests.zoo.matrix")
+    cases = sys.modules.get("tests.zoo.cases")
+    if matrix is None or cases is None or not matrix.RESULTS:
+        return
+    for line in matrix.terminal(cases.CASES):
+        terminalreporter.write_line(line)

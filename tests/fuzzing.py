@@ -1,8 +1,9 @@
 """Fuzz harness: mutations of real checkpoints, run in a supervised worker process.
 
 Each input must end in success or a documented ``AttnvizError`` (exit 2, one line); anything
-else (another exception, a hang past the per-input timeout, a memory blow-up past the worker's
-address-space limit, a temp file left behind) is a failure, and the input is kept under
+else (another exception, a hang past the per-input timeout, a memory blow-up past the child's
+address-space limit, a temp file left behind, or more than the budget of ``BUDGET_RSS`` peak
+memory or ``BUDGET_SECONDS``) is a failure, and the input is kept under
 ``tests/fuzz_regressions/`` so that it is replayed by every later test run.
 """
 
@@ -22,7 +23,38 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions"
 TIMEOUT = float(os.environ.get("ATTNVIZ_FUZZ_TIMEOUT", "20"))
-TARGET_CODES = {"inspect": b"i", "cli": b"c", "split": b"s"}
+TARGET_CODES = {"inspect": b"i", "cli": b"c", "split": b"s", "bundle": b"b", "probe": b"p"}
+BUDGET_RSS = 1 << 30  # peak resident memory per hostile input (issue 12)
+BUDGET_SECONDS = 60.0
+
+
+def bundle(files: dict[str, bytes | tuple[str, ...]], argv: list[str],
+           limits: dict[str, int] | None = None) -> bytes:
+    """One worker input made of several files: ``bytes``, ``("symlink", target)`` or
+    ``("fifo",)`` by name, and the CLI arguments to run (``{dir}`` is their folder)."""
+    blob = bytearray()
+    entries: list[list[Any]] = []
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            entries.append([name, "file", len(blob), len(content)])
+            blob += content
+        elif content[0] == "symlink":
+            entries.append([name, "symlink", 0, content[1]])
+        else:
+            entries.append([name, "fifo", 0, 0])
+    manifest = json.dumps({"files": entries, "argv": argv, "limits": limits or {}}).encode()
+    return struct.pack("<I", len(manifest)) + manifest + bytes(blob)
+
+
+def unbundle(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """The manifest and the file bytes of a bundle (to mutate one file and bundle it again)."""
+    (size,) = struct.unpack("<I", payload[:4])
+    return json.loads(payload[4:4 + size]), payload[4 + size:]
+
+
+def over_budget(report: dict[str, Any]) -> bool:
+    return (report.get("peak_rss", 0) > BUDGET_RSS
+            or report.get("seconds", 0.0) > BUDGET_SECONDS)
 
 
 class Worker:
@@ -45,7 +77,8 @@ class Worker:
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(TARGET_CODES[target] + struct.pack("<I", len(payload)) + payload)
         process.stdin.flush()
-        ready, _, _ = select.select([process.stdout], [], [], TIMEOUT)
+        # the worker kills a child past TIMEOUT itself; this catches the worker hanging
+        ready, _, _ = select.select([process.stdout], [], [], TIMEOUT * 1.5 + 5)
         if not ready:
             self.stop()
             return {"outcome": "hang", "timeout_s": TIMEOUT}
@@ -69,7 +102,14 @@ def check(worker: Worker, target: str, payload: bytes) -> dict[str, Any]:
     worker.stats[f"outcome:{report['outcome']}"] += 1
     if report["outcome"] == "error":
         worker.stats[f"error:{_error_kind(report)}"] += 1
-    failed = report["outcome"] in {"crash", "hang"} or report.get("leftovers")
+    if over_budget(report):
+        worker.stats["over_budget"] += 1
+    worker.stats["max_peak_rss_mb"] = max(worker.stats["max_peak_rss_mb"],
+                                          report.get("peak_rss", 0) >> 20)
+    worker.stats["max_seconds"] = max(worker.stats["max_seconds"],
+                                      int(report.get("seconds", 0) + 0.999))
+    failed = (report["outcome"] in {"crash", "hang"} or report.get("leftovers")
+              or over_budget(report))
     if failed:
         REGRESSIONS.mkdir(exist_ok=True)
         digest = hashlib.sha256(payload).hexdigest()[:16]
@@ -107,3 +147,39 @@ def mutate(data: bytes, kind: str, position: int, length: int, value: bytes) -> 
         start = max(0, len(data) - 1 - position % 256)
         return data[:start] + value + data[start + len(value):]
     raise ValueError(kind)
+
+
+# values a JSON mutation puts in place of another: what a hostile config, index or split
+# metadata would hold (huge and negative numbers, wrong types, markup, deep nesting)
+HOSTILE_JSON: list[Any] = [
+    10**30, -1, 0, 10**9, 2**63, 1.5, float("inf"), None, True, [], {}, [[[[[[[[[[1]]]]]]]]]],
+    "", "[/]", "[bold red]x", "\x1b[2K", "../../etc/passwd", "a" * 5000, ["F32"], {"a": 1},
+]
+
+
+def mutate_json(data: bytes, position: int, choice: int, wrap: int = 0) -> bytes:
+    """Replace one value (picked by ``position``) of a JSON document with a hostile one, or
+    give a 5000-digit integer (``wrap == 1``) or invalid text (``wrap == 2``) instead."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return data
+    if wrap == 1:
+        return data.replace(b"1", b"1" * 5000, 1) if b"1" in data else b"9" * 5000
+    if wrap == 2:
+        return data[: position % max(len(data), 1)]
+    slots: list[tuple[Any, Any]] = []
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) \
+            if isinstance(node, list) else ()
+        for key, value in items:
+            slots.append((node, key))
+            if isinstance(value, dict | list):
+                stack.append(value)
+    if not slots:
+        return json.dumps(HOSTILE_JSON[choice % len(HOSTILE_JSON)]).encode()
+    node, key = slots[position % len(slots)]
+    node[key] = HOSTILE_JSON[choice % len(HOSTILE_JSON)]
+    return json.dumps(document).encode()

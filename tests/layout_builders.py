@@ -79,6 +79,19 @@ def gpt2(h: int, _kv: int, d: int, _k: int, _v: int,
     return sd, "h.0.attn"
 
 
+def gpt2_cross(h: int, _kv: int, d: int, kdim: int, _v: int,
+               bias: bool) -> tuple[dict[str, torch.Tensor], str]:
+    e = h * d
+    sd = {"h.0.crossattention.q_attn.weight": torch.randn(e, e),  # Conv1D: (in, out)
+          "h.0.crossattention.c_attn.weight": torch.randn(kdim, 2 * e),  # (kdim, 2E): k | v
+          "h.0.crossattention.c_proj.weight": torch.randn(e, e)}
+    if bias:
+        sd["h.0.crossattention.q_attn.bias"] = torch.randn(e)
+        sd["h.0.crossattention.c_attn.bias"] = torch.randn(2 * e)
+        sd["h.0.crossattention.c_proj.bias"] = torch.randn(e)
+    return sd, "h.0.crossattention"
+
+
 def _separate(names: tuple[str, str, str, str], prefix: str, out_prefix: str | None = None,
               no_k_bias: bool = False) -> Builder:
     def build(h: int, kv: int, d: int, _k: int, _v: int,
@@ -109,7 +122,15 @@ BUILDERS: dict[str, Builder] = {
                                    gqa=True),
     "mpt_wqkv": _fused("Wqkv", "out_proj", "transformer.blocks.0.attn", _blocked, gqa=False),
     "nanogpt_c_attn": _fused("c_attn", "c_proj", "transformer.h.0.attn", _blocked, gqa=False),
+    "gpt_bigcode_mha": _fused("c_attn", "c_proj", "transformer.h.0.attn", _blocked, gqa=False),
+    "gpt_bigcode_mqa": _fused("c_attn", "c_proj", "transformer.h.0.attn", _blocked, gqa=True),
+    "codegen_mp": _fused("qkv_proj", "out_proj", "transformer.h.0.attn", _blocked, gqa=False),
     "gpt2_conv1d": gpt2,
+    "gpt2_cross": gpt2_cross,
+    "distilbert_lin": _separate(("q_lin", "k_lin", "v_lin", "out_lin"),
+                                "transformer.layer.0.attention"),
+    "hf_query_proj": _separate(("self.query_proj", "self.key_proj", "self.value_proj",
+                                "output.dense"), "encoder.layer.0.attention"),
     "neox_interleaved": _fused("query_key_value", "dense", "gpt_neox.layers.0.attention",
                                _blocked, gqa=False),
     "falcon_grouped": _fused("query_key_value", "dense", "transformer.h.0.self_attention",
@@ -128,14 +149,32 @@ GQA_LAYOUTS = {"fused_qkv_proj(phi3)", "falcon_grouped", "internlm2_wqkv", "hf_q
                "meta_llama_wq", "t5_qkvo", "hf_query_key_value", "hf_query_key_value(whisper)"}
 
 
+# The architecture a config.json would name, for layouts whose key names and shapes alone
+# fit several packings (c_attn [3E, E]: nanoGPT blocked vs GPT-BigCode interleaved; qkv_proj
+# without bias: blocked vs CodeGen's model-parallel blocks).
+ARCHITECTURES = {"nanogpt_c_attn": "nanogpt", "gpt_bigcode_mha": "gpt_bigcode",
+                 "gpt_bigcode_mqa": "gpt_bigcode", "codegen_mp": "codegen",
+                 "fused_qkv_proj": "custom-encoder", "gpt2_cross": "gpt2"}
+FIXED_KV_HEADS = {"gpt_bigcode_mqa": 1}  # multi-query: one key/value head whatever H is
+SHARDS = {"codegen_mp": 4}  # E must split into this many model-parallel blocks
+
+
 def layout_of(case: str) -> str:
     return case.split("(")[0]
 
 
+def geometry(case: str, heads: int, kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(H, Hkv, d) the case can hold: GQA only where the layout has it, E divisible by shards."""
+    kv_heads = FIXED_KV_HEADS.get(case, kv_heads if case in GQA_LAYOUTS else heads)
+    return heads, kv_heads, head_dim * SHARDS.get(case, 1)
+
+
 def build(case: str, heads: int, kv_heads: int, head_dim: int, kdim: int, vdim: int,
           bias: bool) -> tuple[dict[str, torch.Tensor], str]:
-    sd, layer = BUILDERS[case](heads, kv_heads if case in GQA_LAYOUTS else heads, head_dim,
-                               kdim, vdim, bias)
-    if case == "hf_query_key_value":  # BERT: the layer is attention.self, out one module up
+    heads, kv_heads, head_dim = geometry(case, heads, kv_heads, head_dim)
+    sd, layer = BUILDERS[case](heads, kv_heads, head_dim, kdim, vdim, bias)
+    if case in ("hf_query_key_value", "hf_query_proj"):  # BERT: out one module up
         layer = f"{layer}.self"
+    if case == "codegen_mp":
+        sd = {k: v for k, v in sd.items() if not k.endswith("qkv_proj.bias")}
     return sd, layer

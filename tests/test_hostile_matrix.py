@@ -6,7 +6,12 @@ Each error case is checked twice: through the library (``load_checkpoint`` and
 through ``attnviz inspect`` (exit code 2, nothing on stdout, exactly one non-empty stderr line
 that starts with ``attnviz: error: ``, names the file and matches ``case.match``, no traceback).
 Inputs are real ``torch.save`` / ``safetensors`` files damaged programmatically, all under
-``tmp_path``.
+``tmp_path``. The issue-12 classes are here too, one case each (views rewritten by BUILD, a deep
+tuple key, a memo index of 2**28, ``bytearray`` from a size, too many globals, the legacy byte
+cap, negative zip header offsets, FIFOs and devices, 5000-digit integers, a list as dtype);
+their budget (memory, time) is measured in tests/test_hostile_budget.py, outputs in
+tests/test_hostile_outputs.py, printed text in tests/test_hostile_text.py, merge-qkv metadata in
+tests/test_hostile_merge.py and the rest of the pickle classes in tests/test_hostile_pickles.py.
 
 Already covered elsewhere, so not repeated here:
 
@@ -68,7 +73,17 @@ from attnviz.errors import (
 )
 from attnviz.inspection import inspect_checkpoint
 
-from .torch_pickles import PidStub, StorageStub, TensorStub, dumps
+from .torch_pickles import (
+    PidStub,
+    StorageStub,
+    TensorStub,
+    dumps,
+    op_call,
+    op_global,
+    op_int,
+    op_str,
+    with_entry,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 Build = Callable[[Path], Path]
@@ -389,6 +404,57 @@ _ENTRY = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
 
 
 # ---------------------------------------------------------------------------------------------
+# issue 12: hand-written pickles, special files, hostile numbers
+
+
+def _plain_pickle() -> bytes:
+    return dumps({"w": TensorStub(StorageStub(), 0, (4, 3), (3, 1))})
+
+
+def _storage_rewrite(base: Path) -> bytes:
+    data = _plain_pickle()
+    (persid,) = [pos for op, _, pos in pickletools.genops(data) if op.name == "BINPERSID"]
+    build = b"}" + op_str("numel") + op_int(10**9) + b"sb"  # BUILD the storage record
+    return data[:persid + 1] + build + data[persid + 1:]
+
+
+def _globals_pickle(count: int) -> bytes:
+    ops = b"".join(op_global("m", f"g{i}") + b"0" for i in range(count))
+    return _plain_pickle()[:-1] + ops + b"."
+
+
+def _special(name: str, make: Callable[[Path], None]) -> Build:
+    def build(tmp_path: Path) -> Path:
+        path = tmp_path / name
+        make(path)
+        return path
+
+    return build
+
+
+def _negative_header_offsets(tmp_path: Path) -> Path:
+    """The end record claims the central directory starts 1 MB later than it does: zipfile
+    shifts every local header offset by the difference, to below zero."""
+    raw = bytearray(_torch_file(tmp_path).read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    (offset,) = struct.unpack_from("<I", raw, end + 16)
+    struct.pack_into("<I", raw, end + 16, offset + 10**6)
+    end64 = raw.rfind(b"PK\x06\x06")  # torch writes zip64 records: the offset is there too
+    if end64 >= 0:
+        (offset,) = struct.unpack_from("<Q", raw, end64 + 48)
+        struct.pack_into("<Q", raw, end64 + 48, offset + 10**6)
+    path = tmp_path / "negative.pth"
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _legacy_big_pickle(tmp_path: Path) -> Path:
+    return _torch_file(tmp_path, {"w": _weight(), "pad": b"x" * 200_000}, name="big.pth",
+                       _use_new_zipfile_serialization=False)
+
+
+
+# ---------------------------------------------------------------------------------------------
 # the matrix
 
 
@@ -541,6 +607,44 @@ CASES: list[Case] = [
     Case("st-duplicate-names", _bytes("dup.safetensors", lambda _: _st_raw(
         f'{{"a": {_ENTRY}, "a": {_ENTRY}}}'.encode(), bytes(8))),
         CorruptCheckpointError, r"duplicate tensor name 'a'"),
+    # ---- issue 12: views rewritten after their check; pickles that cost unbounded memory
+    Case("view-rewritten-by-build", _zip_with_pickle("rewrite.pth", lambda b: dumps(
+        {"w": TensorStub(StorageStub(), 0, (4, 3), (3, 1), state={"offset": 10**6})})),
+        CorruptCheckpointError, r"the pickle rewrites a TensorRef after it was built"),
+    Case("storage-rewritten-by-build", _zip_with_pickle("storage.pth", _storage_rewrite),
+         CorruptCheckpointError, r"the pickle rewrites a StorageRef after it was built"),
+    Case("deep-tuple-dict-key", _zip_with_pickle(
+        "deep.pth", lambda b: _plain_pickle()[:-1] + b"N" + b"\x85" * 100 + b"K\x01s."),
+        LimitExceededError, r"pickle nests containers over 50 deep",
+        limits={"max_pickle_nesting": 50}),
+    Case("memo-index-2**28", _zip_with_pickle(
+        "memo.pth", lambda b: b"\x80\x02}r" + struct.pack("<I", 2**28) + b"."),
+        CorruptCheckpointError, r"memo index 268435456 skips past the 0 entries"),
+    Case("bytearray-from-a-size", _zip_with_pickle("bytearray.pth", lambda b: with_entry(
+        _plain_pickle(), "x", op_call(op_global("__builtin__", "bytearray"),
+                                      op_int(3 * 10**9)))),
+        CorruptCheckpointError, r"bytearray built from int, not from bytes"),
+    Case("distinct-globals-over-cap", _zip_with_pickle(
+        "globals.pth", lambda b: _globals_pickle(101)), LimitExceededError,
+        r"pickle names over 100 distinct globals", limits={"max_globals": 100}),
+    Case("legacy-pickle-over-byte-cap", _legacy_big_pickle, LimitExceededError,
+         r"pickle is over 65536 bytes", limits={"max_pickle_bytes": 65536}),
+    Case("zip-negative-header-offsets", _negative_header_offsets, CorruptCheckpointError,
+         r"record 'base/version' cannot be read \(\[Errno 22\] Invalid argument\)"),
+    # ---- issue 12: special files and hostile numbers
+    Case("fifo-as-checkpoint", _special("pipe.pth", os.mkfifo), CheckpointError,
+         r"the checkpoint is a FIFO \(named pipe\), not a regular file"),
+    Case("symlink-to-a-device", _special("zero.pth", lambda p: p.symlink_to("/dev/zero")),
+         CheckpointError, r"the checkpoint is a character device, not a regular file"),
+    Case("st-5000-digit-integer", _bytes("digits.safetensors", lambda _: _st_raw(
+        b'{"a": {"dtype": "F32", "shape": [' + b"2" * 5000 + b'], "data_offsets": [0, 8]}}',
+        bytes(8))), CorruptCheckpointError, r"header holds an integer of 5000 digits"),
+    Case("st-dtype-a-list", _st("list.safetensors", {"a": {"dtype": ["F32"], "shape": [2],
+                                                           "data_offsets": [0, 8]}}, bytes(8)),
+         CorruptCheckpointError, r"tensor 'a' has unknown dtype \['F32'\]"),
+    Case("st-name-5000-chars-of-markup", _st("markup.safetensors", {
+        "[/]" * 2000: {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+        CorruptCheckpointError, r"tensor '(\[/\]){66}\[/' \[3\] float32 needs 12 bytes"),
 ]
 
 

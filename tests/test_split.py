@@ -20,11 +20,12 @@ from attnviz.cli import app
 from attnviz.errors import HeadsError, OutputError, UsageError
 from attnviz.heads import HeadsOverride, resolve_heads
 from attnviz.layouts import find_attention_layers
+from attnviz.layouts.spec import LayoutContext
 from attnviz.split import merge_heads, source_keys, split_heads
 from attnviz.split_export import merge_split, split_checkpoint
 from attnviz.verify import per_head_attention, verify_split
 
-from .layout_builders import BUILDERS, GQA_LAYOUTS, build, layout_of
+from .layout_builders import ARCHITECTURES, BUILDERS, GQA_LAYOUTS, build, geometry, layout_of
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 runner = CliRunner()
@@ -33,7 +34,8 @@ runner = CliRunner()
 def split_in_memory(case: str, heads: int, kv_heads: int, head_dim: int, kdim: int = 5,
                     vdim: int = 7, bias: bool = True):  # type: ignore[no-untyped-def]
     sd, name = build(case, heads, kv_heads, head_dim, kdim, vdim, bias)
-    layers, _ = find_attention_layers(sd)
+    context = LayoutContext(ARCHITECTURES.get(layout_of(case)), "test")
+    layers, _ = find_attention_layers(sd, context=context)
     layer = next(item for item in layers if item.name == name)
     info = resolve_heads(layer, overrides=(HeadsOverride(None, heads),))
     return sd, layer, info, split_heads(layer, info, sd)
@@ -105,12 +107,13 @@ def test_more_heads_change_the_split_not_the_parameter_count(tmp_path: Path) -> 
 def test_split_then_merge_is_the_identity(case: str, kv_heads: int, group: int, head_dim: int,
                                           kdim: int, vdim: int, bias: bool) -> None:
     heads = kv_heads * group
-    if case not in GQA_LAYOUTS:
-        kv_heads = heads
     sd, layer, _, hw = split_in_memory(case, heads, kv_heads, head_dim, kdim, vdim, bias)
+    heads, kv_heads, head_dim = geometry(case, heads, kv_heads, head_dim)
     expected = layout_of(case)
     if expected == "falcon_grouped" and kv_heads == heads:
         expected = "neox_interleaved"  # grouped with Hkv = H is the interleaved packing
+    if expected == "gpt_bigcode_mqa" and heads == 1:
+        expected = "gpt_bigcode_mha"  # one head: [Q | K | V] is c_attn [3E, E]
     if expected == "torch_mha_kvdim" and kdim == vdim == heads * head_dim:
         expected = "torch_mha"  # nn.MultiheadAttention packs q/k/v when kdim == vdim == E
     assert layer.layout == expected

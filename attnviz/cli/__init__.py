@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,10 +19,11 @@ from typer.core import TyperGroup
 
 from attnviz import __version__
 from attnviz.cli import tables
-from attnviz.cli.options import CheckpointArg, ConfigOpt, ForceOpt, HeadsOpt, KeyOpt
+from attnviz.cli.options import CheckpointArg, ConfigOpt, ForceOpt, HeadsOpt, KeyOpt, LayoutOpt
 from attnviz.cli.state import NORMAL, QUIET, VERBOSE, CliState, state
 from attnviz.errors import EXIT_FAILURE, AttnvizError, UsageError
 from attnviz.formatting import size
+from attnviz.text_safety import rich_markup, terminal
 
 
 def _debug_enabled(ctx: Any = None) -> bool:
@@ -39,7 +41,7 @@ class AttnvizGroup(TyperGroup):
         except AttnvizError as error:
             if _debug_enabled(ctx):
                 raise
-            typer.echo(f"attnviz: error: {error}", err=True)
+            typer.echo(f"attnviz: error: {terminal(str(error), 2000)}", err=True)
             raise typer.Exit(error.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
@@ -48,9 +50,38 @@ class AttnvizGroup(TyperGroup):
                 raise
             if type(error).__module__.startswith(("typer", "click")):
                 raise
-            typer.echo(f"attnviz: internal error: {type(error).__name__}: {error} "
+            typer.echo(f"attnviz: internal error: {type(error).__name__}: "
+                       f"{terminal(' '.join(str(error).split()), 2000)} "
                        "(rerun with --debug for a traceback and please report it)", err=True)
             raise typer.Exit(EXIT_FAILURE) from None
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        """Usage errors (unknown option, missing argument) as one line, like every error."""
+        from typer._click import exceptions as click_errors  # typer's vendored click
+
+        forward = {"args": args, "prog_name": prog_name, "complete_var": complete_var,
+                   "windows_expand_args": windows_expand_args, **extra}
+        if not standalone_mode:
+            return super().main(standalone_mode=False, **forward)
+        try:
+            result = super().main(standalone_mode=False, **forward)
+        except click_errors.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click_errors.ClickException as error:
+            ctx = getattr(error, "ctx", None)
+            path = ctx.command_path.split(" ", 1) if ctx is not None else []
+            where = " ".join(["attnviz", *path[1:]])  # whatever name the program was run by
+            message = " ".join(error.format_message().split())
+            typer.echo(f"attnviz: error: {terminal(message, 2000)} (see '{where} --help')",
+                       err=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("attnviz: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 app = typer.Typer(
@@ -92,6 +123,7 @@ def inspect(
     heads: HeadsOpt = None,
     config: ConfigOpt = None,
     key: KeyOpt = None,
+    layout: LayoutOpt = None,
     show_all: Annotated[bool, typer.Option(
         "--all", help="Also show every tensor as a tree.")] = False,
     filter_glob: Annotated[str | None, typer.Option(
@@ -111,7 +143,8 @@ def inspect(
         raise UsageError(f"--config {config}: no such file")
     st = state(ctx)
     with st.step(f"read the metadata of {checkpoint}"):
-        report = inspect_checkpoint(checkpoint, heads=heads or (), config=config, key=key)
+        report = inspect_checkpoint(checkpoint, heads=heads or (), config=config, key=key,
+                                    layout=layout)
     if filter_glob is not None:
         import fnmatch
 
@@ -156,6 +189,7 @@ def split_qkv(
     heads: HeadsOpt = None,
     config: ConfigOpt = None,
     key: KeyOpt = None,
+    layout: LayoutOpt = None,
     layers: Annotated[str | None, typer.Option(
         "--layers", help="Only layers whose name matches this glob.")] = None,
     fmt: Annotated[str | None, typer.Option(
@@ -167,8 +201,9 @@ def split_qkv(
         "--out-proj/--no-out-proj", help="Also write each head's columns of the output "
         "projection.")] = True,
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Check per-head attention against the layout's reference; exit 1 on "
-        "a mismatch.")] = False,
+        "--verify", help="Check per-head attention against the layout's reference and, for an "
+        "HF model directory, q/k/v against the transformers module itself; exit 1 on a "
+        "mismatch.")] = False,
     force: ForceOpt = False,
 ) -> None:
     """Export each attention layer's Wq/Wk/Wv/Wo per head, in Linear (out, in) orientation."""
@@ -198,7 +233,7 @@ def split_qkv(
                      f": verify max abs error {done.verify.max_abs_error:.2e}"))
         if done.verify is not None and not done.verify.ok():
             check = done.verify
-            console.print(f"[bold red]verify mismatch[/] {done.layer}: max abs error "
+            console.print(f"[bold red]verify mismatch[/] {rich_markup(done.layer)}: max abs error "
                           f"{check.max_abs_error:.2e} (weights {check.max_abs_error_weights:.2e})"
                           f" vs {check.reference}")
 
@@ -206,10 +241,22 @@ def split_qkv(
         result = split_checkpoint(checkpoint, output, heads=heads or (), config=config, key=key,
                                   layers=layers, fmt=fmt, stacked=stacked, out_proj=out_proj,
                                   verify=verify, force=force, on_layer=on_layer,
-                                  hashing=hashing)
+                                  hashing=hashing, layout=layout)
     if st.verbosity == QUIET:
         return
     console.print(tables.split_table(result))
+    if verify:
+        from attnviz.verify_hf import HfCheck
+
+        checks = [d.hf_verify for d in result.layers if isinstance(d.hf_verify, HfCheck)]
+        local = {d.verify.reference for d in result.layers if d.verify is not None}
+        console.print(f"verified against {', '.join(sorted(local))}", markup=False)
+        if result.hf_reference and checks:
+            worst = max(c.max_abs_error for c in checks)
+            console.print(f"verified q, k, v of {len(checks)} layers against "
+                          f"{result.hf_reference}: max relative error {worst:.2e}", markup=False)
+        elif result.hf_reference:
+            console.print(f"not verified against {result.hf_reference}", markup=False)
     console.print(f"wrote {result.output} ({result.format}, {result.tensors_written} tensors, "
                   f"{size(result.bytes_written)})"
                   + (f" and {result.sidecar}" if result.sidecar else ""))

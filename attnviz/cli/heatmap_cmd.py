@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,7 @@ from attnviz.cli.options import (
     ImageOpt,
     InputOpt,
     KeyOpt,
+    LayoutOpt,
     ModelOpt,
     NormalizeOpt,
     NormFirstOpt,
@@ -45,6 +47,44 @@ from attnviz.cli.options import (
 )
 from attnviz.cli.state import state
 from attnviz.errors import UsageError
+
+# HF directories (these belong in cli/options.py beside the other shared flags)
+AttnImplOpt = Annotated[str, typer.Option(
+    "--attn-implementation", help="HF directories: auto (sdpa where the architecture has it, "
+    "else eager), eager or sdpa.")]
+TgtTokensOpt = Annotated[str | None, typer.Option(
+    "--tgt-tokens", help="HF encoder-decoders: decoder input ids, e.g. 0,37,5 (default: "
+    "decoder_start_token_id).")]
+TgtTextOpt = Annotated[str | None, typer.Option(
+    "--tgt-text", help="HF encoder-decoders: decoder text, tokenised, "
+    "decoder_start_token_id first.")]
+AudioOpt = Annotated[Path | None, typer.Option(
+    "--audio", help="HF speech models (Whisper): a PCM WAV file, resampled to the feature "
+    "extractor's rate.")]
+HF_SEQUENCE_ONLY = ("tgt_tokens", "tgt_text", "audio")
+
+
+def check_hf_inputs(ctx: typer.Context, checkpoint: Path, *, text: str | None,
+                    tokens: str | None,
+                    input_file: Path | None, seq_len: int | None, image: Path | None,
+                    audio: Path | None, model: str | None,
+                    image_only: tuple[str, ...] = ()) -> None:
+    """``check_inputs``, plus: --text/--tokens may come with --image (multi-tower models such
+    as CLIP), --audio is an input of its own."""
+    from attnviz.cli.options import one_input, reject_unused
+    from attnviz.models.sources import is_hf_directory
+
+    if image is not None and not is_hf_directory(checkpoint):
+        one_input(text=text, tokens=tokens, image=image)
+    if audio is not None:
+        one_input(audio=audio, text=text, tokens=tokens, input=input_file, image=image)
+    if image is not None:
+        one_input(tokens=tokens, text=text)
+        reject_unused(ctx, HF_SEQUENCE_ONLY, "to --image")
+        text = tokens = None  # both towers: checked by the model
+    check_inputs(ctx, text=text, tokens=tokens, input_file=input_file,
+                 seq_len=None if audio is not None else seq_len, image=image, model=model,
+                 image_only=image_only)
 
 
 @app.command()
@@ -98,10 +138,16 @@ def heatmap(
     norm_first: NormFirstOpt = False,
     activation: ActivationOpt = "relu",
     force: ForceOpt = False,
+    attn_implementation: AttnImplOpt = "auto",
+    tgt_tokens: TgtTokensOpt = None,
+    tgt_text: TgtTextOpt = None,
+    audio: AudioOpt = None,
+    layout: LayoutOpt = None,
 ) -> None:
     """Per-head attention maps of a forward pass, drawn as heatmaps (sequences or images)."""
-    check_inputs(ctx, text=text, tokens=tokens, input_file=input_file, seq_len=seq_len,
-                 image=image, model=model)
+    check_hf_inputs(ctx, checkpoint, text=text, tokens=tokens, input_file=input_file,
+                    seq_len=seq_len,
+                    image=image, audio=audio, model=model)
     st = state(ctx)
     if save_maps is not None and save_maps.suffix != ".safetensors":
         raise UsageError("--save-maps writes safetensors: use a .safetensors file name")
@@ -113,10 +159,15 @@ def heatmap(
                                 point=point, head_fusion=head_fusion,
                                 discard_ratio=discard_ratio, alpha=alpha, smooth=smooth,
                                 title=title)
+        options = replace(options, text=text, tokens=tokens,
+                          attn_implementation=attn_implementation)
         with st.step("rebuilt the model, captured and rendered"):
             result = image_heatmap(checkpoint, output, options, heads=tuple(heads or ()),
-                                   config=config, key=key, save_maps=save_maps, force=force)
+                                   config=config, key=key, save_maps=save_maps, force=force,
+                                   layout=layout)
         st.say(f"model: {result.model}")
+        for note in result.notes:
+            st.say(f"note: {note}")
         st.say(f"wrote {result.output} ({len(result.layers)} row(s) x {len(result.heads)} "
                "panel(s))" + (f" and {result.maps_file}" if result.maps_file else ""))
         return
@@ -126,13 +177,15 @@ def heatmap(
     request = sequence_request(text=text, tokens=tokens, input_file=input_file,
                                seq_len=seq_len, seed=seed, tgt_input=tgt_input,
                                tgt_seq_len=tgt_seq_len, causal=causal, pad=pad)
+    request = replace(request, tgt_tokens=tgt_tokens, tgt_text=tgt_text, audio=audio)
     heat_options = HeatmapOptions(layer=layer or "all", head=head or "all", view=view,
                                   scale=scale, batch_index=batch_index, title=title)
     with st.step("loaded the model, captured and rendered"):
         seq = sequence_heatmap(checkpoint, output, request, options=heat_options, factory=model,
                                strict=strict, heads=heads or (), config=config, key=key,
                                save_maps=save_maps, force=force, norm_first=norm_first,
-                               activation=activation)
+                               activation=activation, attn_implementation=attn_implementation,
+                               layout=layout)
     st.say(f"model: {seq.model}")
     for note in seq.notes:
         st.say(f"note: {note}")

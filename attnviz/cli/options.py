@@ -23,6 +23,9 @@ ConfigOpt = Annotated[Path | None, typer.Option(
 KeyOpt = Annotated[str | None, typer.Option(
     "--key", help="Dotted path of the mapping that holds the tensors, e.g. 'model' or 'ema'.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+LayoutOpt = Annotated[str | None, typer.Option(
+    "--layout", help="Layout NAME for tensors whose names and shapes fit several packings "
+    "when no config.json model_type says which model wrote them (docs/layouts.md).")]
 TitleOpt = Annotated[str | None, typer.Option("--title", help="Figure or page title.")]
 
 # the forward pass: where the model comes from

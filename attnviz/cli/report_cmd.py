@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from attnviz.cli import app
+from attnviz.cli.heatmap_cmd import (
+    AttnImplOpt,
+    AudioOpt,
+    TgtTextOpt,
+    TgtTokensOpt,
+    check_hf_inputs,
+)
 from attnviz.cli.options import (
     ActivationOpt,
     AlphaOpt,
@@ -21,6 +29,7 @@ from attnviz.cli.options import (
     ImageOpt,
     InputOpt,
     KeyOpt,
+    LayoutOpt,
     ModelOpt,
     NormalizeOpt,
     NormFirstOpt,
@@ -38,7 +47,6 @@ from attnviz.cli.options import (
     TitleOpt,
     TokensOpt,
     TopKOpt,
-    check_inputs,
     check_model_flags,
     image_options,
     sequence_request,
@@ -88,10 +96,16 @@ def report(
     norm_first: NormFirstOpt = False,
     activation: ActivationOpt = "relu",
     force: ForceOpt = False,
+    attn_implementation: AttnImplOpt = "auto",
+    tgt_tokens: TgtTokensOpt = None,
+    tgt_text: TgtTextOpt = None,
+    audio: AudioOpt = None,
+    layout: LayoutOpt = None,
 ) -> None:
     """One offline HTML page: summary, layer x head grid, token hover, overlays, weight norms."""
-    check_inputs(ctx, text=text, tokens=tokens, input_file=input_file, seq_len=seq_len,
-                 image=image, model=model, image_only=("layer",))
+    check_hf_inputs(ctx, checkpoint, text=text, tokens=tokens, input_file=input_file,
+                    seq_len=seq_len,
+                    image=image, audio=audio, model=model, image_only=("layer",))
     st = state(ctx)
     from attnviz.report import ReportOptions, build_report
 
@@ -101,21 +115,26 @@ def report(
                                view="overlay", top_k=top_k, threshold=threshold, query=query,
                                point=point, head_fusion=head_fusion,
                                discard_ratio=discard_ratio, alpha=alpha)
+        vision = replace(vision, text=text, tokens=tokens)
         with st.step("captured and wrote the report"):
             result = build_report(checkpoint, output, image=vision, options=options,
-                                  heads=heads or (), config=config, key=key, force=force)
+                                  heads=heads or (), config=config, key=key, force=force,
+                                  attn_implementation=attn_implementation, layout=layout)
     else:
         check_model_flags(model, strict, activation, config)
-        given = any(v is not None for v in (text, tokens, input_file, seq_len))
+        given = any(v is not None for v in (text, tokens, input_file, seq_len, audio))
         request = sequence_request(text=text, tokens=tokens, input_file=input_file,
                                    seq_len=seq_len, seed=seed, tgt_input=tgt_input,
                                    tgt_seq_len=tgt_seq_len, causal=causal,
                                    pad=pad) if given else None
+        if request is not None:
+            request = replace(request, tgt_tokens=tgt_tokens, tgt_text=tgt_text, audio=audio)
         with st.step("captured and wrote the report"):
             result = build_report(checkpoint, output, request=request, options=options,
                                   factory=model, strict=strict, heads=heads or (),
                                   config=config, key=key, force=force, norm_first=norm_first,
-                                  activation=activation)
+                                  activation=activation,
+                                  attn_implementation=attn_implementation, layout=layout)
     if result.model:
         st.say(f"model: {result.model}")
     for note in result.notes:

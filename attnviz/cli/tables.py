@@ -1,4 +1,10 @@
-"""Rich rendering of command results (part of the CLI layer: only the CLI imports this)."""
+"""Rich rendering of command results (part of the CLI layer: only the CLI imports this).
+
+Every piece of file text (tensor and layer names, keys, global names, warnings) is shown as a
+``rich.text.Text`` built by ``_text``: never parsed as markup (a name like ``[/]`` would crash
+the table, ``[red]`` restyle it), with control characters made visible (a raw escape sequence
+could erase the DANGER line) and cut to a length a terminal can show.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +13,54 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from attnviz.formatting import count, size
+from attnviz.text_safety import safe_str, terminal
 
 if TYPE_CHECKING:
     from attnviz.inspection import InspectReport
     from attnviz.split_export import SplitResult
 
+SHOWN_CHARS = 300  # of one name in a table; --json has them in full
+TREE_DEPTH = 32  # name segments shown as tree levels; deeper ones stay joined
+
+
+def _text(value: Any, style: str | None = None, limit: int = SHOWN_CHARS) -> Text:
+    return Text(terminal(safe_str(value), limit), style=style or "")
+
+
+def console_for(stderr: bool = False) -> Console:
+    """A console that never reads markup or emoji codes out of the text it is given."""
+    return Console(highlight=False, emoji=False, stderr=stderr)
+
 
 def print_inspect(report: InspectReport, *, show_all: bool, tensor_filter: str | None,
                   console: Console | None = None) -> None:
-    console = console or Console(highlight=False)
+    console = console or console_for()
     ckpt = report.checkpoint
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
-    summary.add_row("file", str(ckpt.path))
-    summary.add_row("format", ckpt.format)
+    summary.add_row("file", _text(ckpt.path))
+    summary.add_row("format", _text(ckpt.format))
     summary.add_row("tensors", f"{len(ckpt.tensors)} tensors, {count(ckpt.num_parameters)} "
                     f"parameters, {size(ckpt.total_bytes)}")
-    summary.add_row("dtypes", ", ".join(f"{d} ({n})" for d, n in report.dtypes.items()) or "-")
+    summary.add_row("dtypes", _text(", ".join(f"{d} ({n})" for d, n in report.dtypes.items())
+                                    or "-"))
     container = ckpt.container_key or "(top level)"
     if ckpt.other_containers:
         container += f"  (others: {', '.join(ckpt.other_containers)}; choose with --key)"
-    summary.add_row("container", container)
-    summary.add_row("prefix stripped", ckpt.stripped_prefix or "-")
+    summary.add_row("container", _text(container, limit=4 * SHOWN_CHARS))
+    summary.add_row("prefix stripped", _text(ckpt.stripped_prefix or "-"))
     if ckpt.config_path:
-        summary.add_row("config", str(ckpt.config_path))
-    foreign = ", ".join(("[bold red]" if f.names_code else "") + f.qualified_name +
-                        ("[/]" if f.names_code else "") for f in ckpt.foreign_objects)
-    summary.add_row("foreign objects", foreign or "-")
+        summary.add_row("config", _text(ckpt.config_path))
+    foreign = Text(", ").join(_text(f.qualified_name, "bold red" if f.names_code else None)
+                              for f in ckpt.foreign_objects[:200])
+    if len(ckpt.foreign_objects) > 200:
+        foreign.append(f", ... ({len(ckpt.foreign_objects)} in all, see --json)")
+    summary.add_row("foreign objects", foreign if ckpt.foreign_objects else "-")
     console.print(summary)
 
     table = Table(title=f"{len(report.layers)} attention layers", title_justify="left")
@@ -49,36 +72,46 @@ def print_inspect(report: InspectReport, *, show_all: bool, tensor_filter: str |
         layer, heads = item.layer, item.heads
         if tensor_filter and not fnmatch.fnmatchcase(layer.display_name, tensor_filter):
             continue
-        table.add_row(layer.display_name, layer.layout, str(layer.embed_dim), str(layer.kdim),
-                      str(layer.vdim), str(heads.num_heads or "?"), heads.source,
-                      str(heads.num_kv_heads or "?"), str(heads.head_dim or "?"),
-                      "yes" if layer.has_bias else "no", layer.dtype)
+        table.add_row(_text(layer.display_name), _text(layer.layout), _text(layer.embed_dim),
+                      _text(layer.kdim), _text(layer.vdim), _text(heads.num_heads or "?"),
+                      _text(heads.source), _text(heads.num_kv_heads or "?"),
+                      _text(heads.head_dim or "?"), "yes" if layer.has_bias else "no",
+                      _text(layer.dtype))
     console.print(table)
     if report.unrecognised:
         odd = Table(title="unrecognised attention-like tensors", title_justify="left")
         for column in ("tensor", "shape", "why"):
             odd.add_column(column)
         for odd_tensor in report.unrecognised:
-            odd.add_row(odd_tensor.name, str(list(odd_tensor.shape)), odd_tensor.reason)
+            odd.add_row(_text(odd_tensor.name), _text(list(odd_tensor.shape)),
+                        _text(odd_tensor.reason))
         console.print(odd)
     if show_all:
-        tree = Tree(str(ckpt.path.name))
-        nodes: dict[str, Tree] = {}
-        for name, info in ckpt.tensors.items():
-            if tensor_filter and not fnmatch.fnmatchcase(name, tensor_filter):
-                continue
-            parts = name.split(".")
-            parent = tree
-            for depth in range(1, len(parts)):
-                path = ".".join(parts[:depth])
-                if path not in nodes:
-                    nodes[path] = parent.add(parts[depth - 1])
-                parent = nodes[path]
-            parent.add(f"{parts[-1]}  {list(info.shape)} {info.dtype}")
-        console.print(tree)
+        console.print(_tensor_tree(report, tensor_filter))
     for warning in report.warnings:
-        style = "bold red" if warning.startswith("DANGER") else "yellow"
-        console.print(f"[{style}]warning:[/] {warning}")
+        danger = warning.startswith("DANGER")
+        console.print(Text.assemble(("warning:", "bold red" if danger else "yellow"), " ",
+                                    _text(warning, limit=4 * SHOWN_CHARS)), soft_wrap=True)
+
+
+def _tensor_tree(report: InspectReport, tensor_filter: str | None) -> Tree:
+    ckpt = report.checkpoint
+    tree = Tree(_text(ckpt.path.name))
+    nodes: dict[str, Tree] = {}
+    for name, info in ckpt.tensors.items():
+        if tensor_filter and not fnmatch.fnmatchcase(name, tensor_filter):
+            continue
+        parts = name.split(".", TREE_DEPTH)  # at most TREE_DEPTH + 1 parts: linear in the name
+        parent = tree
+        for depth in range(1, len(parts)):
+            path = ".".join(parts[:depth])
+            if path not in nodes:
+                nodes[path] = parent.add(_text(parts[depth - 1]))
+            parent = nodes[path]
+        label = _text(parts[-1])
+        label.append(f"  {list(info.shape)} {info.dtype}")
+        parent.add(label)
+    return tree
 
 
 def split_table(result: SplitResult) -> Any:
@@ -90,8 +123,9 @@ def split_table(result: SplitResult) -> Any:
         table.add_column("verify (max abs err)")
     for done in result.layers:
         heads = done.heads
-        row = [done.layer, done.layout, f"{heads.num_heads}/{heads.num_kv_heads}/{heads.head_dim}",
-               heads.source, str(done.tensors)]
+        row: list[Any] = [_text(done.layer), _text(done.layout),
+                          f"{heads.num_heads}/{heads.num_kv_heads}/{heads.head_dim}",
+                          _text(heads.source), str(done.tensors)]
         if done.verify is not None:
             row.append(f"{max(done.verify.max_abs_error, done.verify.max_abs_error_weights):.1e}"
                        + (" ok" if done.verify.ok() else " MISMATCH"))
@@ -112,6 +146,6 @@ def print_stats(stats: list[Any]) -> None:
 
     for item in stats:
         style = "bold red" if item.nan or item.inf else None
-        table.add_row(item.name, fmt(item.min), fmt(item.max), fmt(item.mean), fmt(item.std),
-                      str(item.nan), str(item.inf), style=style)
-    Console(highlight=False).print(table)
+        table.add_row(_text(item.name), fmt(item.min), fmt(item.max), fmt(item.mean),
+                      fmt(item.std), str(item.nan), str(item.inf), style=style)
+    console_for().print(table)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 from attnviz.errors import CheckpointError, UnknownFormatError, UnsupportedCheckpointError
+from attnviz.formats.base import require_regular
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
@@ -16,16 +18,19 @@ DIRECTORY = "directory"
 
 def detect_format(path: Path) -> str:
     """Name the container of ``path`` from its first bytes, or raise a one-line explanation."""
-    if path.is_dir():
-        return DIRECTORY
-    if not path.exists():
+    try:
+        if path.is_dir():
+            return DIRECTORY
+    except OSError as exc:  # a name too long, a loop of symlinks...
+        raise CheckpointError(f"cannot be read ({exc.strerror})", path=path) from exc
+    if not os.path.lexists(path):
         raise CheckpointError("no such file", path=path, hint="check the path")
+    size = require_regular(path, "the checkpoint").st_size
     try:
         with path.open("rb") as handle:
             head = handle.read(512)
     except OSError as exc:
         raise CheckpointError(f"cannot be read ({exc.strerror})", path=path) from exc
-    size = path.stat().st_size
     if not head:
         raise UnknownFormatError("the file is empty", path=path, hint="download or save it again")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):

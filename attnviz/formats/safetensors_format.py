@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,10 @@ from typing import Any
 from attnviz.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES
 from attnviz.errors import CorruptCheckpointError, LimitExceededError
 from attnviz.formats.base import LoadedFile, StorageSpan
+from attnviz.formats.json_text import JsonTextError, parse_json
 from attnviz.formats.safe_pickle import StorageRef, TensorRef
-from attnviz.limits import LIMITS
+from attnviz.limits import LIMITS, MAX_DIM, MAX_RANK
+from attnviz.text_safety import int_text, safe_repr
 
 HINT = "the file is damaged or not safetensors; download it again"
 
@@ -21,10 +22,11 @@ def _fail(path: Path, message: str) -> CorruptCheckpointError:
 
 
 def _shape(path: Path, name: str, raw: Any) -> tuple[int, ...]:
-    if not isinstance(raw, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
+    if not isinstance(raw, list) or len(raw) > MAX_RANK or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in raw
     ):
-        raise _fail(path, f"tensor '{name}' has shape {raw!r:.60}, not a list of sizes")
+        raise _fail(path, f"tensor '{name[:200]}' has shape {safe_repr(raw, 60)}, not a list "
+                    f"of at most {MAX_RANK} sizes")
     return tuple(raw)
 
 
@@ -33,7 +35,7 @@ def _strict_pairs(path: Path) -> Any:
         result: dict[str, Any] = {}
         for key, value in pairs:
             if key in result:
-                raise _fail(path, f"duplicate tensor name '{key}'")
+                raise _fail(path, f"duplicate tensor name '{key[:200]}'")
             result[key] = value
         return result
 
@@ -55,13 +57,11 @@ def read_safetensors(path: Path) -> LoadedFile:
             raise _fail(path, f"header of {header_len} bytes runs past the end of the file")
         raw = handle.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_pairs(path))
+        header = parse_json(raw.decode("utf-8"), object_pairs_hook=_strict_pairs(path))
     except UnicodeDecodeError as exc:
         raise _fail(path, "header is not UTF-8") from exc
-    except json.JSONDecodeError as exc:
-        raise _fail(path, f"header is not JSON ({exc.msg})") from exc
-    except RecursionError as exc:
-        raise _fail(path, "header nests too deeply") from exc
+    except JsonTextError as exc:
+        raise _fail(path, f"header {exc}") from exc
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
 
@@ -80,28 +80,31 @@ def read_safetensors(path: Path) -> LoadedFile:
     spans: dict[str, StorageSpan] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
+        shown = name[:200]
         if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
-            raise _fail(path, f"entry '{name}' is not {{dtype, shape, data_offsets}}")
-        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+            raise _fail(path, f"entry '{shown}' is not {{dtype, shape, data_offsets}}")
+        code = entry.get("dtype")
+        dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
         if dtype is None:
-            raise _fail(path, f"tensor '{name}' has unknown dtype {entry.get('dtype')!r:.20}")
+            raise _fail(path, f"tensor '{shown}' has unknown dtype {safe_repr(code, 20)}")
         shape = _shape(path, name, entry.get("shape"))
         offsets = entry.get("data_offsets")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise _fail(path, f"tensor '{name}' has bad data_offsets {offsets!r:.60}")
+            raise _fail(path, f"tensor '{shown}' has bad data_offsets {safe_repr(offsets, 60)}")
         begin, end = offsets
         numel = 1
         for dim in shape:
             numel *= dim
-        if numel * DTYPE_SIZES[dtype] > LIMITS.max_tensor_bytes:
-            raise LimitExceededError(f"tensor '{name}' declares {numel * DTYPE_SIZES[dtype]} "
-                                     f"bytes, over the cap", path=path)
+        nbytes = numel * DTYPE_SIZES[dtype]
+        if nbytes > LIMITS.max_tensor_bytes:
+            raise LimitExceededError(f"tensor '{shown}' declares {int_text(nbytes)} bytes, over "
+                                     f"the cap", path=path)
         if begin < 0 or end < begin:
-            raise _fail(path, f"tensor '{name}' has offsets [{begin}, {end}]")
-        if end - begin != numel * DTYPE_SIZES[dtype]:
-            raise _fail(path, f"tensor '{name}' {list(shape)} {dtype} needs "
-                        f"{numel * DTYPE_SIZES[dtype]} bytes but its offsets hold {end - begin}")
+            raise _fail(path, f"tensor '{shown}' has offsets [{begin}, {end}]")
+        if end - begin != nbytes:
+            raise _fail(path, f"tensor '{shown}' {list(shape)} {dtype} needs {nbytes} bytes but "
+                        f"its offsets hold {end - begin}")
         ranges.append((begin, end, name))
         storage = StorageRef(key=name, dtype=dtype, numel=numel, location="cpu")
         stride = tuple(_contiguous_strides(shape))
@@ -113,7 +116,7 @@ def read_safetensors(path: Path) -> LoadedFile:
     for begin, end, name in ranges:
         if begin != cursor:
             kind = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
-            raise _fail(path, f"tensor '{name}' at byte {begin} {kind}")
+            raise _fail(path, f"tensor '{name[:200]}' at byte {begin} {kind}")
         cursor = end
     if cursor != data_size:
         what = "trailing bytes after" if cursor < data_size else "missing bytes: data ends before"

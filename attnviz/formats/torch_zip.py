@@ -21,6 +21,7 @@ from attnviz.errors import (
     with_path,
 )
 from attnviz.formats.base import LoadedFile, StorageSpan
+from attnviz.formats.placeholders import ForeignObject
 from attnviz.formats.safe_pickle import StorageRef, restricted_load, storage_from_pid
 from attnviz.limits import LIMITS
 
@@ -28,9 +29,10 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 byte
 HINT = "the file is damaged or truncated; download or save it again"
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
+def open_zip(path: Path, source: IO[bytes] | None = None) -> zipfile.ZipFile:
+    """The zip at ``path`` (or in ``source``, named ``path`` in messages)."""
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(path if source is None else source)
     except zipfile.BadZipFile as exc:
         raise CorruptCheckpointError(f"broken zip container ({exc})", path=path, hint=HINT) from exc
     except (zipfile.LargeZipFile, ValueError, OSError, struct.error, NotImplementedError,
@@ -54,14 +56,18 @@ def _find_pickle(path: Path, names: list[str]) -> str:
     return pickles[0]
 
 
-def _data_offset(handle: IO[bytes], info: zipfile.ZipInfo, path: Path) -> int:
+def data_offset(handle: IO[bytes], info: zipfile.ZipInfo, path: Path, file_size: int) -> int:
+    if not 0 <= info.header_offset <= file_size - _LOCAL_HEADER.size:
+        raise CorruptCheckpointError(f"record '{info.filename[:80]}' has a header offset "
+                                     f"outside the file", path=path, hint=HINT)
     handle.seek(info.header_offset)
     raw = handle.read(_LOCAL_HEADER.size)
     if len(raw) != _LOCAL_HEADER.size:
-        raise CorruptCheckpointError(f"record '{info.filename}' is cut off", path=path, hint=HINT)
+        raise CorruptCheckpointError(f"record '{info.filename[:80]}' is cut off", path=path,
+                                     hint=HINT)
     fields = _LOCAL_HEADER.unpack(raw)
     if fields[0] != b"PK\x03\x04":
-        raise CorruptCheckpointError(f"record '{info.filename}' has a bad local header",
+        raise CorruptCheckpointError(f"record '{info.filename[:80]}' has a bad local header",
                                      path=path, hint=HINT)
     return int(info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
 
@@ -83,63 +89,76 @@ def _read_small(archive: zipfile.ZipFile, name: str, path: Path, limit: int) -> 
     return data
 
 
+def load_zip_pickle(archive: zipfile.ZipFile, path: Path, file_size: int) -> tuple[
+        Any, list[type[ForeignObject]], dict[str, StorageRef], str, str]:
+    """Unpickle ``data.pkl``: (root, foreign globals, storages by key, byteorder, prefix).
+
+    Each storage must be a stored record inside the file, holding what its pickle declares.
+    Shared with nested payloads (``torch.storage._load_from_bytes``), read from memory.
+    """
+    names = archive.namelist()
+    pkl_name = _find_pickle(path, names)
+    prefix = pkl_name[: -len("data.pkl")]
+    if f"{prefix}version" in names:
+        version = _read_small(archive, f"{prefix}version", path, 64).strip()
+        if not version.isdigit():
+            raise CorruptCheckpointError(f"bad version record {version[:20]!r}", path=path,
+                                         hint=HINT)
+    byteorder = "little"
+    if f"{prefix}byteorder" in names:
+        byteorder = _read_small(archive, f"{prefix}byteorder", path, 16).decode(
+            "ascii", "replace").strip()
+        if byteorder not in {"little", "big"}:
+            raise CorruptCheckpointError(f"bad byteorder record {byteorder!r:.20}", path=path)
+    pickle_bytes = _read_small(archive, pkl_name, path, LIMITS.max_pickle_bytes)
+    infos = {info.filename: info for info in archive.infolist()}
+    storages: dict[str, StorageRef] = {}
+
+    def persistent_load(pid: Any) -> StorageRef:
+        dtype, key, numel, location = storage_from_pid(pid)
+        if key in storages:
+            return storages[key]
+        info = infos.get(f"{prefix}data/{key}")
+        if info is None:
+            raise CorruptCheckpointError(f"storage record 'data/{key[:60]}' is missing",
+                                         path=path, hint=HINT)
+        need = numel * DTYPE_SIZES[dtype]
+        if info.file_size < need:
+            raise CorruptCheckpointError(
+                f"storage record 'data/{key[:60]}' holds {info.file_size} bytes, its tensors "
+                f"need {need}", path=path, hint=HINT)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise UnsupportedCheckpointError(
+                f"storage record 'data/{key[:60]}' is compressed; torch writes them stored",
+                path=path, hint="re-save the file with torch.save")
+        if not 0 <= info.header_offset <= info.header_offset + info.file_size <= file_size:
+            raise CorruptCheckpointError(f"storage record 'data/{key[:60]}' runs past the end "
+                                         f"of the file", path=path, hint=HINT)
+        storages[key] = StorageRef(key, dtype, numel, location)
+        return storages[key]
+
+    try:
+        root, foreign = restricted_load(pickle_bytes, persistent_load)
+    except CheckpointError as exc:
+        raise with_path(exc, path, HINT) from exc.__cause__
+    return root, foreign, storages, byteorder, prefix
+
+
 def read_torch_zip(path: Path) -> LoadedFile:
     file_size = path.stat().st_size
-    with _open_zip(path) as archive:
-        names = archive.namelist()
-        pkl_name = _find_pickle(path, names)
-        prefix = pkl_name[: -len("data.pkl")]
-        if f"{prefix}version" in names:
-            version = _read_small(archive, f"{prefix}version", path, 64).strip()
-            if not version.isdigit():
-                raise CorruptCheckpointError(f"bad version record {version[:20]!r}", path=path,
-                                             hint=HINT)
-        byteorder = "little"
-        if f"{prefix}byteorder" in names:
-            byteorder = _read_small(archive, f"{prefix}byteorder", path, 16).decode(
-                "ascii", "replace").strip()
-            if byteorder not in {"little", "big"}:
-                raise CorruptCheckpointError(f"bad byteorder record {byteorder!r:.20}", path=path)
-        pickle_bytes = _read_small(archive, pkl_name, path, LIMITS.max_pickle_bytes)
+    with open_zip(path) as archive:
+        root, foreign, storages, byteorder, prefix = load_zip_pickle(archive, path, file_size)
         infos = {info.filename: info for info in archive.infolist()}
-        storages: dict[str, StorageRef] = {}
-
-        def persistent_load(pid: Any) -> StorageRef:
-            dtype, key, numel, location = storage_from_pid(pid)
-            if key in storages:
-                return storages[key]
-            info = infos.get(f"{prefix}data/{key}")
-            if info is None:
-                raise CorruptCheckpointError(f"storage record 'data/{key}' is missing", path=path,
-                                             hint=HINT)
-            need = numel * DTYPE_SIZES[dtype]
-            if info.file_size < need:
-                raise CorruptCheckpointError(
-                    f"storage record 'data/{key}' holds {info.file_size} bytes, its tensors need "
-                    f"{need}", path=path, hint=HINT)
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise UnsupportedCheckpointError(
-                    f"storage record 'data/{key}' is compressed; torch writes them stored",
-                    path=path, hint="re-save the file with torch.save")
-            if info.header_offset + info.file_size > file_size:
-                raise CorruptCheckpointError(f"storage record 'data/{key}' runs past the end "
-                                             f"of the file", path=path, hint=HINT)
-            storages[key] = StorageRef(key, dtype, numel, location)
-            return storages[key]
-
-        try:
-            root, foreign = restricted_load(pickle_bytes, persistent_load)
-        except CheckpointError as exc:
-            raise with_path(exc, path, HINT) from exc.__cause__
 
     spans: dict[str, StorageSpan] = {}
     with path.open("rb") as handle:
-        for key, ref in storages.items():
+        for key in storages:
             info = infos[f"{prefix}data/{key}"]
-            start = _data_offset(handle, info, path)
-            length = ref.numel * DTYPE_SIZES[ref.dtype]
+            start = data_offset(handle, info, path, file_size)
+            # the record's real length: every view is checked against it when it is read
+            length = info.file_size
             if start + length > file_size:
-                raise CorruptCheckpointError(f"storage record 'data/{key}' runs past the end of "
-                                             f"the file", path=path, hint=HINT)
+                raise CorruptCheckpointError(f"storage record 'data/{key[:60]}' runs past the "
+                                             f"end of the file", path=path, hint=HINT)
             spans[key] = StorageSpan(path, start, length, byteorder)
     return LoadedFile(path, "torch-zip", root, spans, foreign)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Protocol
 
+from attnviz.errors import AmbiguousLayoutError, UsageError
 from attnviz.layouts.registry import LAYOUTS, PROJECTION_LEAVES, PROJECTION_NAMES
 from attnviz.layouts.spec import (
     AttentionLayer,
     Evidence,
+    LayoutContext,
     LayoutSpec,
     Packing,
     ShapeRule,
@@ -76,6 +79,9 @@ class _Layer:
 def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
                claimed: set[str]) -> AttentionLayer:
     layer = _Layer(prefix, tensors, claimed)
+    for absent in spec.forbid:
+        if fill(absent, prefix) in tensors:
+            raise NoMatch(f"{fill(absent, prefix)} exists; {spec.name} has none")
     out_name = layer.find("out", spec.out)
     out_features = out_in = None
     if out_name is not None:
@@ -104,7 +110,21 @@ def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
         kv_rows: int | None = (rows - q_rows) // 2
         if kv_rows is None or kv_rows <= 0 or q_rows + 2 * kv_rows != rows or kv_rows > q_rows:
             raise NoMatch(f"{qkv} has {rows} rows, which do not split into q={q_rows} + 2 k/v")
+        if spec.packing is Packing.SHARDED and (q_rows != kv_rows or rows % (3 * spec.shards)):
+            raise NoMatch(f"{qkv} has {rows} rows, which do not split into {spec.shards} "
+                          "blocks of q, k and v")
         kdim = vdim = embed
+    elif spec.kv is not None:
+        for role, wanted in (("q", spec.q), ("kv", spec.kv)):
+            if wanted is None or layer.find(role, wanted) is None:
+                raise NoMatch(f"no {role} projection ({fill(str(wanted), prefix)})")
+        q_rows, embed = _linear(layer.shape("q"), spec.transposed, layer.keys["q"])
+        kv_fused, kdim = _linear(layer.shape("kv"), spec.transposed, layer.keys["kv"])
+        vdim = kdim
+        if kv_fused % 2 or q_rows % (kv_fused // 2 or 1):
+            raise NoMatch(f"{layer.keys['kv']} has {kv_fused} rows, which do not split into "
+                          "k and v")
+        kv_rows, fused_rows = kv_fused // 2, kv_fused
     else:
         for role, template in (("q", spec.q), ("k", spec.k), ("v", spec.v)):
             if template is None or layer.find(role, template) is None:
@@ -115,15 +135,18 @@ def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
         if k_rows != v_rows or q_rows % k_rows:
             raise NoMatch(f"q/k/v rows {q_rows}/{k_rows}/{v_rows} fit no head split")
         kv_rows = k_rows
-    if out_in is not None and spec.packing is Packing.SEPARATE and out_in != q_rows:
+    if out_in is not None and spec.packing in (Packing.SEPARATE, Packing.KV_FUSED) and \
+            out_in != q_rows:
         raise NoMatch(f"{out_name} takes {out_in} inputs but q has {q_rows} rows")
 
     layer.find("qkv_bias", spec.qkv_bias)
+    layer.find("kv_bias", spec.kv_bias)
     layer.find("q_bias", spec.q_bias)
     layer.find("k_bias", spec.k_bias)
     layer.find("v_bias", spec.v_bias)
     layer.find("out_bias", spec.out_bias)
     layer.check_vector("qkv_bias", fused_rows or q_rows + 2 * kv_rows)
+    layer.check_vector("kv_bias", 2 * kv_rows)
     layer.check_vector("q_bias", q_rows)
     layer.check_vector("k_bias", kv_rows)
     layer.check_vector("v_bias", kv_rows)
@@ -168,28 +191,98 @@ def _looks_like_projection(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] in {"weight", "bias"} and parts[-2] in PROJECTION_NAMES
 
 
+def _describe(spec: LayoutSpec) -> str:
+    writers = f", {'/'.join(spec.architectures)}" if spec.architectures else ""
+    return f"{spec.name} ({spec.packing.value}{writers})"
+
+
+def _resolve(name: str, matched: list[tuple[LayoutSpec, AttentionLayer]],
+             context: LayoutContext, strict: bool) -> AttentionLayer | None:
+    """Choose among the layouts whose keys and shapes all fit one tensor, or say it cannot."""
+    arch = context.architecture
+    fits = [(s, lay) for s, lay in matched
+            if arch is None or (arch not in s.not_for and (not s.exclusive or
+                                                           arch in s.architectures))]
+    decided = "key names and shapes"
+    if arch is not None and (known := [(s, lay) for s, lay in fits if arch in s.architectures]):
+        fits, decided = known, f"architecture '{arch}' ({context.source})"
+    if not fits:
+        return None
+    if len({s.semantics for s, _ in fits}) > 1:
+        if strict:
+            candidates = " or ".join(_describe(s) for s, _ in fits)
+            layer = fits[0][1].display_name
+            raise AmbiguousLayoutError(
+                f"layer '{layer}' ({name}) fits {candidates}, which split it differently, and "
+                f"nothing says which model wrote the file ({context.source})",
+                hint="pass --layout with one of them, or --config with the model's "
+                     "config.json")
+        decided = "first of several candidates (names only)"
+    return dataclasses.replace(fits[0][1], decided_by=decided)
+
+
 def find_attention_layers(
-    tensors: Mapping[str, HasShape], layouts: tuple[LayoutSpec, ...] = LAYOUTS
+    tensors: Mapping[str, HasShape], layouts: tuple[LayoutSpec, ...] = LAYOUTS, *,
+    context: LayoutContext | None = None, strict: bool = True,
 ) -> tuple[list[AttentionLayer], list[Unrecognised]]:
-    """Every attention layer the registry recognises, in checkpoint order, and the leftovers."""
+    """Every attention layer the registry recognises, in checkpoint order, and the leftovers.
+
+    When a tensor fits several layouts that would split it differently, the architecture in
+    ``context`` decides; without one, ``strict`` raises ``AmbiguousLayoutError`` listing the
+    candidates (``strict=False`` takes the first: for finding module names, not for numbers).
+    ``context.forced`` (``--layout``) is the only candidate for tensors its anchor names.
+    """
+    context = context or LayoutContext()
+    if context.forced is not None:
+        forced = next((s for s in layouts if s.name == context.forced), None)
+        if forced is None:
+            raise UsageError(f"--layout {context.forced} is not a known layout",
+                             hint="known: " + ", ".join(s.name for s in layouts))
+        if not any(forced.pattern.match(name) for name in tensors):
+            needs = forced.anchor.split(")")[-1].replace("\\", "").rstrip("$")
+            raise UsageError(f"--layout {context.forced} fits no tensor of this checkpoint "
+                             f"(it needs a tensor named like *{needs})",
+                             hint="run 'attnviz inspect' without --layout to see what it holds")
     order = {name: index for index, name in enumerate(tensors)}
     claimed: set[str] = set()
+    decided: set[str] = set()
     layers: list[AttentionLayer] = []
     reasons: dict[str, str] = {}
+    forced_used = False
     for spec in layouts:
         for name in tensors:
-            if name in claimed:
+            if name in claimed or name in decided or spec.pattern.match(name) is None:
                 continue
-            match = spec.pattern.match(name)
-            if match is None:
+            decided.add(name)
+            rivals = [s for s in layouts if s.pattern.match(name)]
+            if context.forced is not None and any(s.name == context.forced for s in rivals):
+                rivals = [s for s in rivals if s.name == context.forced]
+            matched: list[tuple[LayoutSpec, AttentionLayer]] = []
+            for rival in rivals:
+                match = rival.pattern.match(name)
+                assert match is not None
+                try:
+                    matched.append((rival, _match_one(rival, match.group("p"), tensors,
+                                                      claimed)))
+                except NoMatch as why:
+                    reasons.setdefault(name, f"{rival.name}: {why}")
+            if context.forced is not None and rivals[0].name == context.forced:
+                if not matched:
+                    raise UsageError(f"--layout {context.forced} does not fit {name}: "
+                                     f"{reasons.get(name, 'no match')}")
+                forced_used = True
+                chosen: AttentionLayer | None = dataclasses.replace(matched[0][1],
+                                                                    decided_by="--layout")
+            else:
+                chosen = _resolve(name, matched, context, strict)
+            if chosen is None:
+                reasons.setdefault(name, f"no layout fits architecture '{context.architecture}'")
                 continue
-            try:
-                layer = _match_one(spec, match.group("p"), tensors, claimed)
-            except NoMatch as why:
-                reasons.setdefault(name, f"{spec.name}: {why}")
-                continue
-            layers.append(layer)
-            claimed.update(layer.keys.values())
+            layers.append(chosen)
+            claimed.update(chosen.keys.values())
+    if context.forced is not None and not forced_used:
+        raise UsageError(f"--layout {context.forced} fits no tensor of this checkpoint",
+                         hint="run 'attnviz inspect' without --layout to see what it holds")
     layers.sort(key=lambda item: order[item.keys.get("qkv") or item.keys["q"]])
     unrecognised = [
         Unrecognised(name, tuple(info.shape), reasons.get(name, "no layout uses these key names"))

@@ -20,6 +20,9 @@ class Packing(StrEnum):
     BLOCKED = "blocked"  # one tensor, rows [Q (Hq*d) | K (Hkv*d) | V (Hkv*d)]
     INTERLEAVED = "interleaved"  # one tensor, rows (H, 3, d): per head q, k, v
     GROUPED = "grouped"  # one tensor, rows (Hkv, H/Hkv + 2, d): a group's queries, then k, v
+    SHARDED = "sharded"  # one tensor, rows (S, 3, E/S): model-parallel shards, each holding its
+    #                      slice of q, k and v in the order the layout declares (CodeGen: q v k)
+    KV_FUSED = "kv_fused"  # q in its own tensor, k and v in one tensor, rows [K | V]
 
 
 class ShapeRule(StrEnum):
@@ -60,23 +63,53 @@ class LayoutSpec:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None  # fused weight
+    kv: str | None = None  # fused k|v weight beside a separate q (GPT-2 cross-attention)
     out: tuple[str, ...] = ()  # output projection weight, first existing wins
     q_bias: str | None = None
     k_bias: str | None = None
     v_bias: str | None = None
     qkv_bias: str | None = None  # packed bias (fused, or torch MHA over separate weights)
+    kv_bias: str | None = None
     out_bias: tuple[str, ...] = ()
     aux: tuple[AuxTensor, ...] = ()
     transposed: bool = False  # stored (in, out) like GPT-2 Conv1D
     shape_rule: ShapeRule = ShapeRule.ANY
     examples: str = ""
+    # Which models write it (config.json model_type, or a training script's tag such as
+    # 'nanogpt'). When key names and shapes fit several packings, the architecture decides.
+    architectures: tuple[str, ...] = ()
+    exclusive: bool = False  # only for those architectures (or when the architecture is unknown)
+    not_for: tuple[str, ...] = ()  # architectures it must never be used for
+    forbid: tuple[str, ...] = ()  # templates that must be absent (CodeGen's qkv_proj has no bias)
+    shards: int = 1  # SHARDED: model-parallel blocks
+    order: str = "qkv"  # SHARDED: order of q, k, v inside each block
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", re.compile(self.anchor))
-        fused = self.qkv is not None
-        if fused == (self.q is not None) or (not fused and (self.k is None or self.v is None)):
-            raise ValueError(f"layout {self.name}: declare either qkv or q, k and v")
+        shapes = {
+            "qkv": self.qkv is not None and self.q is None and self.kv is None,
+            "q, k, v": None not in (self.q, self.k, self.v) and self.qkv is None,
+            "q, kv": None not in (self.q, self.kv) and self.k is None and self.qkv is None,
+        }
+        if sum(shapes.values()) != 1:
+            raise ValueError(f"layout {self.name}: declare qkv, or q, k and v, or q and kv")
+        if sorted(self.order) != ["k", "q", "v"]:
+            raise ValueError(f"layout {self.name}: order must be a permutation of 'qkv'")
+
+    @property
+    def semantics(self) -> tuple[object, ...]:
+        """What decides the numbers a split yields: two layouts that share these agree."""
+        return (self.packing, self.transposed, self.shards, self.order)
+
+
+@dataclass(frozen=True)
+class LayoutContext:
+    """What is known about the model that wrote a checkpoint, beyond its keys and shapes."""
+
+    architecture: str | None = None  # config.json model_type, or a tag like 'nanogpt'
+    source: str = "unknown"  # where the architecture came from
+    forced: str | None = None  # --layout NAME
 
 
 def fill(template: str, prefix: str) -> str:
@@ -108,6 +141,7 @@ class AttentionLayer:
     has_bias: bool
     dtype: str
     heads_evidence: tuple[tuple[str, int, str], ...] = ()  # (kind, value, tensor name)
+    decided_by: str = "key names and shapes"  # what chose the layout among the candidates
 
     @property
     def display_name(self) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 from attnviz.checkpoint import Checkpoint
 from attnviz.errors import UsageError
 from attnviz.inspection import InspectReport
+from attnviz.models.hf_safety import MAX_HF_JSON_BYTES
 from attnviz.models.torch_transformer import ModelBuildError, TransformerSpec, load_transformer
 
 
@@ -27,6 +28,9 @@ class LoadedModel:
     tokenizer: Any = None
     d_model: int | None = None
     notes: list[str] = field(default_factory=list)
+    path: Path | None = None  # an HF directory
+    config: Any = None  # its transformers config
+    attn_implementation: str | None = None  # what transformers runs: sdpa or eager
 
     @property
     def takes_tokens(self) -> bool:
@@ -75,45 +79,45 @@ def is_hf_directory(path: Path) -> bool:
     if not (path.is_dir() and config.is_file()):
         return False
     try:
-        return "model_type" in json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
+        if config.stat().st_size > MAX_HF_JSON_BYTES:
+            return True  # hf_safety refuses it with the reason
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(data, dict) and "model_type" in data
 
 
-def load_hf_model(path: Path) -> LoadedModel:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
-    try:
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise UsageError("an HF model directory needs the 'hf' extra",
-                         hint="pip install 'attnviz[hf]'") from exc
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no 'Loading' bars
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # attnviz says it
-    try:
-        model = AutoModel.from_pretrained(path, attn_implementation="sdpa",
-                                          local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelBuildError(f"transformers cannot load this directory ({exc})", path=path) \
-            from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = None
-    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None)
-    return LoadedModel(model.eval(), "hf", f"{type(model).__name__} from {path.name}",
-                       tokenizer=tokenizer, d_model=hidden)
+def load_hf_model(path: Path, checkpoint: Checkpoint | None = None, *,
+                  attn_implementation: str = "auto", auto_name: str = "AutoModel") -> LoadedModel:
+    """An HF directory through ``hf_loading`` (no custom code, config checked against the
+    weights, sdpa where the architecture has it, else eager)."""
+    from attnviz.models.hf_loading import load_model as load_hf
+
+    if checkpoint is None:
+        from attnviz.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(path)
+    shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
+    parts = load_hf(path, shapes, attn_implementation=attn_implementation,
+                    auto_name=auto_name)
+    config = parts.config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    return LoadedModel(parts.model, "hf", f"{type(parts.model).__name__} from {path.name} "
+                       f"({parts.attn_implementation} attention)", tokenizer=parts.tokenizer,
+                       d_model=hidden if isinstance(hidden, int) else None,
+                       notes=parts.notes, path=path, config=config,
+                       attn_implementation=parts.attn_implementation)
 
 
 def load_model(path: Path, checkpoint: Checkpoint, report: InspectReport, *,
                factory: str | None = None, strict: bool = True, norm_first: bool = False,
-               activation: str = "relu") -> LoadedModel:
+               activation: str = "relu", attn_implementation: str = "auto") -> LoadedModel:
     if factory is not None:
         loaded = load_factory_model(factory, checkpoint, strict=strict)
         loaded.d_model = next((item.layer.embed_dim for item in report.layers), None)
         return loaded
     if is_hf_directory(path):
-        return load_hf_model(path)
+        return load_hf_model(path, checkpoint, attn_implementation=attn_implementation)
     model, spec = load_transformer(checkpoint, report, norm_first=norm_first,
                                    activation=activation)
     return LoadedModel(model, spec.kind, _describe(spec), d_model=spec.d_model)

@@ -1,0 +1,1 @@
+"""Inputs for forward passes that need more than token ids: audio files."""

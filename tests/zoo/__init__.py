@@ -1,0 +1,1 @@
+"""Conformance zoo: tiny random-weight ``transformers`` models for many architectures."""
