@@ -137,17 +137,28 @@ def pad_panels(rows: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]]
     return padded, any(p.shape != (height, width) for r in rows for p in r)
 
 
+def request_files(request: SequenceRequest | None) -> list[Path]:
+    """The files a request reads (never to be written over)."""
+    if request is None:
+        return []
+    return [p for p in (request.input_file, request.tgt_input, request.audio, request.image)
+            if p is not None]
+
+
 def open_for_heatmap(path: Path, output: Path, save_maps: str | Path | None, *,
-                     key: str | None, config: str | Path | None,
-                     force: bool) -> tuple[Checkpoint, Path | None]:
-    """Load the checkpoint's metadata and check both outputs before any model work."""
+                     key: str | None, config: str | Path | None, force: bool,
+                     reads: list[Path] | None = None) -> tuple[Checkpoint, Path | None]:
+    """Load the checkpoint's metadata and check both outputs before any model work.
+
+    ``reads``: the other files the command reads (--image, --input, --audio ...)."""
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise UsageError(f"-o {output.name}: use a .png, .svg or .pdf file name")
     ckpt = load_checkpoint(path, key=key, config=config)
-    check_output_path(output, [path, *ckpt.files], force=force)
+    inputs = [path, *ckpt.inputs, *(reads or [])]
+    check_output_path(output, inputs, force=force)
     maps_path = Path(save_maps) if save_maps is not None else None
     if maps_path is not None:
-        check_output_path(maps_path, [path, *ckpt.files, output], force=force)
+        check_output_path(maps_path, [*inputs, output], force=force)
     return ckpt, maps_path
 
 
@@ -164,7 +175,7 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
         raise UsageError(f"--view is one of {', '.join(VIEWS)}; --scale one of "
                          f"{', '.join(SCALES)}")
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
-                                       force=force)
+                                       force=force, reads=request_files(request))
     report = analyse(ckpt, heads, layout=layout)
     maps, prepared, loaded = capture_sequence(path, ckpt, report, request, factory=factory,
                                               strict=strict, norm_first=norm_first,

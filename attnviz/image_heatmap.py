@@ -72,7 +72,7 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
     if options.view not in VIEWS:
         raise UsageError(f"--view with --image is one of {', '.join(VIEWS)}")
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
-                                       force=force)
+                                       force=force, reads=[options.image])
     figure, maps, description = image_figure(path, ckpt, analyse(ckpt, heads, layout=layout),
                                                options)
     from attnviz import render

@@ -8,9 +8,10 @@ NaN from a fully masked row) are drawn in light grey, apart from the colour scal
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import matplotlib
 
@@ -23,6 +24,19 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
 MASKED_RGB = (0.86, 0.86, 0.86)
+# Labels are tokens and layer names from files: plain text, never mathtext ('$...$' in a token
+# would be parsed, and can fail to render at all).
+PLAIN_TEXT: Any = {"text.parse_math": False, "text.usetex": False}
+Renderer = TypeVar("Renderer", bound=Callable[..., None])
+
+
+def _plain_text(function: Renderer) -> Renderer:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        with plt.rc_context(PLAIN_TEXT):
+            function(*args, **kwargs)
+
+    return cast(Renderer, wrapper)
 GAP_RGB = (1.0, 1.0, 1.0)
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 MAX_TICK_LABELS = 64
@@ -38,6 +52,7 @@ def _label_step(count: int) -> int:
     return max(1, -(-count // MAX_TICK_LABELS))
 
 
+@_plain_text
 def render_matrix(matrix: Matrix, query_labels: Sequence[str], key_labels: Sequence[str],
                   output: Path, fmt: str, *, title: str, cmap: str = "viridis",
                   dpi: int = 150) -> None:
@@ -90,6 +105,7 @@ def compose_grid(panels: Sequence[Sequence[Matrix]], *, shared_scale: bool,
     return canvas[:-gap, :-gap], vmax
 
 
+@_plain_text
 def render_grid(panels: Sequence[Sequence[Matrix]], row_titles: Sequence[str],
                 col_titles: Sequence[str], output: Path, fmt: str, *, title: str,
                 shared_scale: bool = True, cmap: str = "viridis", dpi: int = 100,
@@ -155,6 +171,7 @@ def overlay(image: Matrix, heat: Matrix, *, vmax: float, alpha: float = 0.55,
 Box = tuple[float, float, float, float]
 
 
+@_plain_text
 def render_image_panels(panels: Sequence[Sequence[Matrix]], output: Path, fmt: str, *,
                         title: str, panel_titles: Sequence[Sequence[str]],
                         boxes: Sequence[Sequence[tuple[Box, str] | None]] | None = None,

@@ -12,6 +12,7 @@ from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import AttentionMaps
 from attnviz.checkpoint import Checkpoint, load_checkpoint
 from attnviz.errors import UsageError
+from attnviz.heatmap import request_files
 from attnviz.image_heatmap import ImageOptions
 from attnviz.inspection import InspectReport, analyse
 from attnviz.report_data import (
@@ -92,7 +93,8 @@ def build_report(checkpoint: str | Path, output: str | Path, *,
     if not 0.0 <= options.alpha <= 1.0:
         raise UsageError(f"--alpha {options.alpha:g}: use a value in [0, 1]")
     ckpt = load_checkpoint(path, key=key, config=config)
-    check_output_path(output, [path, *ckpt.files], force=force)
+    reads = request_files(request) + ([image.image] if image is not None else [])
+    check_output_path(output, [path, *ckpt.inputs, *reads], force=force)
     report = analyse(ckpt, heads, layout=layout)
     data = ReportData(title=options.title or f"attnviz report: {path.name or path}",
                       summary=summary_rows(ckpt, report),

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import typer
 
+from attnviz.text_safety import terminal
+
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 
 
@@ -26,12 +28,13 @@ class CliState:
     def say(self, message: str) -> None:
         """A normal status line ('wrote ...'); silent with --quiet."""
         if self.verbosity >= NORMAL:
-            typer.echo(message)
+            typer.echo(terminal(message))  # names and notes carry text from files
 
     def detail(self, message: str) -> None:
         """Only with --verbose, on stderr, stamped with the time since the command started."""
         if self.verbosity >= VERBOSE:
-            typer.echo(f"[{time.perf_counter() - self.started:7.2f}s] {message}", err=True)
+            typer.echo(f"[{time.perf_counter() - self.started:7.2f}s] {terminal(message)}",
+                       err=True)
 
     @property
     def progress_enabled(self) -> bool:
