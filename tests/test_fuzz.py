@@ -205,7 +205,7 @@ def test_the_worker_measures_each_input_and_catches_a_hanging_one(worker: Worker
     big = worker.run("probe", json.dumps({"allocate": 300 << 20}).encode())
     again = worker.run("probe", json.dumps({"allocate": 0}).encode())
     assert small["outcome"] == big["outcome"] == again["outcome"] == "ok"
-    assert big["peak_rss"] >= small["peak_rss"] + (300 << 20)
+    assert big["peak_rss"] >= small["peak_rss"] + (250 << 20)  # 300 MB touched, baselines vary
     assert again["peak_rss"] < small["peak_rss"] + (100 << 20)  # not inherited from the last
     assert not fuzzing.over_budget(big)
     assert fuzzing.over_budget({**big, "peak_rss": fuzzing.BUDGET_RSS + 1})

@@ -56,6 +56,11 @@ def print_inspect(report: InspectReport, *, show_all: bool, tensor_filter: str |
     summary.add_row("prefix stripped", _text(ckpt.stripped_prefix or "-"))
     if ckpt.config_path:
         summary.add_row("config", _text(ckpt.config_path))
+    context = report.context
+    summary.add_row("architecture", _text(f"{context.architecture} ({context.source})"
+                                          if context.architecture else f"- ({context.source})"))
+    if context.forced:
+        summary.add_row("layout", _text(f"{context.forced} (--layout)"))
     foreign = Text(", ").join(_text(f.qualified_name, "bold red" if f.names_code else None)
                               for f in ckpt.foreign_objects[:200])
     if len(ckpt.foreign_objects) > 200:
