@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from attnviz.checkpoint import Checkpoint
+    from attnviz.inspection import InspectReport
 
 # A torch.Tensor or a numpy array: the split only reshapes, slices and concatenates, so
 # ``split-qkv`` runs it on numpy views without importing torch, and notebooks on tensors.
@@ -304,6 +305,15 @@ def source_keys(layer: AttentionLayer, *, out_proj: bool = True) -> list[str]:
     if out_proj:
         roles += ["out", "out_bias"]
     return [layer.keys[r] for r in roles if r in layer.keys]
+
+
+def split_all(report: InspectReport) -> dict[str, HeadWeights]:
+    """Every layer of an inspect report, split (torch tensors), by layer name."""
+    ckpt = report.checkpoint
+    return {item.layer.name: split_heads(item.layer, item.heads,
+                                         {key: ckpt.read_tensor(key)
+                                          for key in source_keys(item.layer)})
+            for item in report.layers}
 
 
 def split_layer(checkpoint: Checkpoint, name: str, heads: int | None = None) -> HeadWeights:

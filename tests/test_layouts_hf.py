@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from attnviz.checkpoint import load_checkpoint
 from attnviz.cli import app
 from attnviz.errors import AmbiguousLayoutError, UsageError
-from attnviz.inspection import InspectReport, analyse, inspect_checkpoint
-from attnviz.split import HeadWeights, source_keys, split_heads
+from attnviz.inspection import analyse, inspect_checkpoint
+from attnviz.split import source_keys, split_all
 from attnviz.verify import verify_split
 from attnviz.verify_hf import HfCheck, verify_model
 
@@ -77,15 +77,6 @@ def build_model(model_type: str, config: dict[str, Any], seed: int = 0) -> Any:
 def save_model(model: Any, directory: Path) -> Path:
     model.save_pretrained(directory)
     return directory
-
-
-def split_all(report: InspectReport) -> dict[str, HeadWeights]:
-    ckpt = report.checkpoint
-    splits = {}
-    for item in report.layers:
-        values = {key: ckpt.read_tensor(key) for key in source_keys(item.layer)}
-        splits[item.layer.name] = split_heads(item.layer, item.heads, values)
-    return splits
 
 
 def assert_exact(checks: list[HfCheck]) -> None:

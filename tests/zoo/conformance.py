@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from attnviz.inspection import InspectReport, inspect_checkpoint
-from attnviz.split import HeadWeights, source_keys, split_heads
+from attnviz.split import split_all
 from attnviz.verify_hf import HfCheck, pair_modules, verify_model
 
 from .spec import ZooCase
@@ -40,15 +40,6 @@ class Row:
     bare: str = "-"  # the bare state_dict file
     notes: str = ""
     worst: dict[str, float] = field(default_factory=dict)  # printed, not written to the docs
-
-
-def split_all(report: InspectReport) -> dict[str, HeadWeights]:
-    ckpt = report.checkpoint
-    splits = {}
-    for item in report.layers:
-        values = {key: ckpt.read_tensor(key) for key in source_keys(item.layer)}
-        splits[item.layer.name] = split_heads(item.layer, item.heads, values)
-    return splits
 
 
 def geometry(report: InspectReport) -> list[tuple[Any, ...]]:
