@@ -8,7 +8,9 @@ of a path are caught, with or without ``--force``), never a directory, device, F
 
 ``atomic_output`` writes to a temp file in the target folder, renamed into place on success. A
 failed or interrupted write (exception, Ctrl-C, SIGTERM) leaves the previous file or nothing,
-and no temp file behind.
+and no temp file behind. The file gets the mode a plain ``open(output, "w")`` would give it
+(mkstemp's temp files are 0600): an existing file's mode when it is replaced, else
+0666 minus the umask (0644 under the usual umask 022).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from attnviz.errors import OutputError
+from attnviz.errors import OutputError, param
 from attnviz.formats.base import kind_of
 
 
@@ -69,7 +71,7 @@ def check_output_path(output: Path, inputs: Iterable[Path], *, force: bool) -> N
             raise _same_as_input(output, Path(source))
     if os.path.lexists(output) and not force:
         what = "output exists" if target is not None else "output exists (a dangling symlink)"
-        raise OutputError(what, path=output, hint="pass --force to overwrite it")
+        raise OutputError(what, path=output, hint=f"pass {param('force', True)} to overwrite it")
     folder = absolute.parent
     if not folder.is_dir():
         raise OutputError("output folder does not exist", path=output,
@@ -77,6 +79,30 @@ def check_output_path(output: Path, inputs: Iterable[Path], *, force: bool) -> N
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError("output folder is not writable", path=output,
                           hint="choose a folder you can write to")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)  # elsewhere: the only portable read sets it, so set it back
+    os.umask(current)
+    return current
+
+
+def output_mode(output: Path) -> int:
+    """The permission bits ``open(output, "w")`` would leave: the existing file's, else
+    0666 minus the umask."""
+    try:
+        info = os.stat(output)
+    except (OSError, ValueError):
+        return 0o666 & ~_umask()
+    return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else 0o666 & ~_umask()
 
 
 class Terminated(SystemExit):
@@ -117,6 +143,7 @@ def atomic_output(output: Path) -> Iterator[Path]:
         try:
             yield temp
             _refuse_special(output)  # checked again: it may have changed while writing
+            os.chmod(temp, output_mode(output))  # not mkstemp's 0600
             os.replace(temp, output)
         except BaseException as exc:
             temp.unlink(missing_ok=True)

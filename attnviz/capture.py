@@ -32,9 +32,11 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from attnviz.capture_math import bind_sdpa, mha_scores, sdpa_scores, to_bhls
+from attnviz.capture_math import bind_sdpa, mha_problem, mha_scores, sdpa_scores, to_bhls
 from attnviz.errors import AttnvizError, UsageError, did_you_mean
 from attnviz.layouts import find_attention_layers
+from attnviz.reducers import MapReducer, feed_whole
+from attnviz.tiling import AttentionProblem, attention_tiles, sdpa_problem, select_heads
 
 SOFTMAX_FUNCS = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
 SDPA_FUNCS = frozenset({F.scaled_dot_product_attention,
@@ -58,6 +60,7 @@ class AttentionMaps(Mapping[str, torch.Tensor]):
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     routes: dict[str, str] = field(default_factory=dict)
     missed: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.maps[name]
@@ -67,6 +70,23 @@ class AttentionMaps(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.maps)
+
+    def __repr__(self) -> str:  # the default prints every tensor
+        from attnviz.notebook_tables import maps_repr
+
+        return maps_repr(self)
+
+    def _repr_html_(self) -> str:
+        from attnviz.notebook_tables import maps_html
+
+        return maps_html(self)
+
+    def show(self, **kwargs: Any) -> None:
+        """Draw the maps inline in a notebook as the report's head view
+        (``attnviz.notebook.show``: ``tokens=``, ``target_tokens=``, ``static=``...)."""
+        from attnviz.notebook import show
+
+        show(self, **kwargs)
 
 
 def attention_module_names(model: nn.Module) -> list[str]:
@@ -94,8 +114,11 @@ class _Shape:
 
 class _Engine:
     def __init__(self, model: nn.Module, selected: set[str], heads: Sequence[int] | None,
-                 keep_scores: bool) -> None:
+                 keep_scores: bool, reduce: MapReducer | None = None,
+                 query_tile: int | None = None) -> None:
         self.model = model
+        self.reduce = reduce
+        self.query_tile = query_tile
         self.selected = selected
         self.heads = list(heads) if heads is not None else None
         self.keep_scores = keep_scores
@@ -110,22 +133,55 @@ class _Engine:
                 return name
         return None
 
+    def _check_heads(self, name: str, count: int) -> None:
+        if self.heads is not None and (max(self.heads) >= count or min(self.heads) < -count):
+            raise UsageError(f"head index {max(self.heads)} out of range: layer '{name}' "
+                             f"has {count} heads", param="heads")
+
+    def _new_key(self, name: str, route: str, shape: tuple[int, ...]) -> str:
+        key, count = name, 2
+        while key in self.result.routes:  # the same module called again: name#2, name#3...
+            key, count = f"{name}#{count}", count + 1
+        self.result.routes[key] = route
+        self.result.shapes[key] = shape
+        return key
+
+    def stream(self, name: str, problem: AttentionProblem, route: str) -> None:
+        """Hand the reducer this call's probabilities tile by tile; keep nothing else."""
+        assert self.reduce is not None
+        self._check_heads(name, problem.shape[1])
+        if self.heads is not None:
+            problem = select_heads(problem, self.heads)
+        key = self._new_key(name, route, problem.shape)
+        self.reduce.begin(key, problem.shape)
+        for tile in attention_tiles(problem, rows=self.reduce.rows_wanted(problem.shape[2]),
+                                    query_tile=self.query_tile):
+            self.reduce.add(key, tile)
+        self.reduce.end(key)
+
+    def stream_probs(self, name: str, probs: torch.Tensor, route: str) -> None:
+        """Probabilities the model already built (B, H, L, S): handed over in row slabs."""
+        assert self.reduce is not None
+        self._check_heads(name, probs.shape[1])
+        if self.heads is not None:
+            probs = probs[:, self.heads]
+        key = self._new_key(name, route, tuple(probs.shape))
+        feed_whole(self.reduce, key, probs, self.query_tile)
+
     def store(self, name: str, probs: torch.Tensor, scores: torch.Tensor | None,
               route: str) -> None:
         module = self.model.get_submodule(name)
         hint = next((getattr(module, a) for a in HEAD_COUNT_ATTRS
                      if isinstance(getattr(module, a, None), int)), None)
         probs = to_bhls(probs.detach(), hint)
+        if self.reduce is not None:
+            self.stream_probs(name, probs, route)
+            return
+        self._check_heads(name, probs.shape[1])
         if self.heads is not None:
-            if max(self.heads) >= probs.shape[1] or min(self.heads) < -probs.shape[1]:
-                raise UsageError(f"head index {max(self.heads)} out of range: layer '{name}' "
-                                 f"has {probs.shape[1]} heads")
             probs = probs[:, self.heads]
-        key, count = name, 2
-        while key in self.result.maps:  # the same module called again: name#2, name#3...
-            key, count = f"{name}#{count}", count + 1
+        key = self._new_key(name, route, tuple(probs.shape))
         self.result.maps[key] = probs
-        self.result.routes[key] = route
         if scores is not None and self.keep_scores:
             scores = to_bhls(scores.detach(), hint)
             self.result.scores[key] = scores[:, self.heads] if self.heads is not None else scores
@@ -142,6 +198,8 @@ class _Engine:
 
     def mha_pre(self, _module: nn.Module, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.reduce is not None:  # streamed: recomputed in tiles, the call is left alone
+            return tuple(args), dict(kwargs)
         args, kwargs = tuple(args), dict(kwargs)
         wants = [kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True)]
         for index, (position, key) in enumerate(((4, "need_weights"),
@@ -156,6 +214,10 @@ class _Engine:
 
     def mha_post(self, name: str, module: nn.MultiheadAttention, args: tuple[Any, ...],
                  kwargs: dict[str, Any], output: Any) -> Any:
+        if self.reduce is not None:
+            with torch.no_grad():
+                self.stream(name, mha_problem(module, args, kwargs), "nn.MultiheadAttention")
+            return output
         need, average = self.mha_calls.pop() if self.mha_calls else (True, True)
         out, weights = output
         if weights is not None:
@@ -173,6 +235,12 @@ class _Engine:
         if name is None:
             return
         call = bind_sdpa(args, kwargs)
+        if self.reduce is not None:
+            problem = sdpa_problem(call["query"].detach(), call["key"].detach(),
+                                   call.get("attn_mask"), bool(call.get("is_causal", False)),
+                                   call.get("scale"), bool(call.get("enable_gqa", False)))
+            self.stream(name, problem, "F.scaled_dot_product_attention")
+            return
         scores = sdpa_scores(call["query"], call["key"], call.get("attn_mask"),
                              bool(call.get("is_causal", False)), call.get("scale"),
                              bool(call.get("enable_gqa", False)))
@@ -229,15 +297,23 @@ def _select(model: nn.Module, layers: Sequence[str] | None) -> set[str]:
 
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, *, layers: Sequence[str] | None = None,
-                      heads: Sequence[int] | None = None,
-                      scores: bool = False) -> Iterator[AttentionMaps]:
+                      heads: Sequence[int] | None = None, scores: bool = False,
+                      reduce: MapReducer | None = None,
+                      query_tile: int | None = None) -> Iterator[AttentionMaps]:
     """``with capture_attention(model) as maps: model(x)`` -> ``maps[layer]`` (B, H, Lq, Lk).
 
     ``layers``: names or globs of modules to capture (default: every attention module).
     ``heads``: head indices to keep. ``scores``: also keep pre-softmax scores (``maps.scores``).
+    ``reduce``: stream instead of keeping maps: each call's probabilities go to this
+    ``attnviz.reducers.MapReducer`` tile by tile (SDPA and ``nn.MultiheadAttention`` calls are
+    recomputed in tiles of ``query_tile`` rows, so no (B, H, L, S) tensor is built) and
+    ``maps`` stays empty; ``maps.routes`` and ``maps.shapes`` still name every call.
     Raises ``NothingCapturedError`` on exit if attention modules ran but nothing was captured.
     """
-    engine = _Engine(model, _select(model, layers), heads, scores)
+    if reduce is not None and scores:
+        raise UsageError("scores are not kept by a streamed capture; capture without reduce",
+                         param="scores")
+    engine = _Engine(model, _select(model, layers), heads, scores, reduce, query_tile)
     with contextlib.ExitStack() as stack:
         for name, module in model.named_modules():
             pre = module.register_forward_pre_hook(lambda _m, _a, n=name: engine.push(n))
@@ -262,11 +338,11 @@ def capture_attention(model: nn.Module, *, layers: Sequence[str] | None = None,
 
 
 def _report_missing(engine: _Engine) -> None:
-    captured = {key.split("#")[0] for key in engine.result.maps}
+    captured = {key.split("#")[0] for key in engine.result.routes}
     missed = [n for n in sorted(engine.ran) if n not in captured
               and not any(c.startswith(f"{n}.") or n.startswith(f"{c}.") for c in captured)]
     engine.result.missed = missed
-    if not engine.result.maps:
+    if not engine.result.routes:
         if not engine.selected:
             raise NothingCapturedError("no attention module recognised in the model and none "
                                        "captured", hint="name the modules with layers=[...]")

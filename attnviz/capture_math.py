@@ -3,8 +3,9 @@
 ``sdpa_probabilities`` follows ``F.scaled_dot_product_attention`` exactly: bool ``attn_mask``
 True means *may attend* (the opposite of ``nn.MultiheadAttention``), float masks are added,
 ``is_causal`` masks above the diagonal, ``scale`` defaults to 1/sqrt(d) and ``enable_gqa``
-repeats each key/value head for its group of query heads. ``mha_scores`` does the same for
-``nn.MultiheadAttention``, whose bool masks mean *masked out*.
+repeats each key/value head for its group of query heads. ``mha_problem`` states an
+``nn.MultiheadAttention`` call, whose bool masks mean *masked out*, as the same kind of problem,
+which ``attnviz.tiling`` can solve in tiles.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
+
+from attnviz.tiling import AttentionProblem, dense_scores
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                "enable_gqa")
@@ -70,9 +73,9 @@ def _mha_inputs(module: nn.MultiheadAttention, args: tuple[Any, ...],
     return bound
 
 
-def mha_scores(module: nn.MultiheadAttention, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> torch.Tensor:
-    """Pre-softmax scores (B, H, L, S) of one ``nn.MultiheadAttention`` call."""
+def mha_problem(module: nn.MultiheadAttention, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> AttentionProblem:
+    """The scores problem of one ``nn.MultiheadAttention`` call, masks as SDPA reads them."""
     bound = _mha_inputs(module, args, kwargs)
     query, key = bound["query"], bound["key"]
     unbatched = query.dim() == 2
@@ -107,20 +110,19 @@ def mha_scores(module: nn.MultiheadAttention, args: tuple[Any, ...],
             key_padding_mask = F.pad(key_padding_mask, (0, 1))
     q = q.reshape(q.shape[0], batch, heads, dim).permute(1, 2, 0, 3)  # (N, H, L, d)
     k = k.reshape(k.shape[0], batch, heads, dim).permute(1, 2, 0, 3)  # (N, H, S, d)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(dim)  # (N, H, L, S)
+    masks: list[torch.Tensor] = []
     if attn_mask is not None:
         mask = attn_mask.reshape(-1, heads, *attn_mask.shape[-2:]) if attn_mask.dim() == 3 \
-            else attn_mask  # (N, H, L, S) or (L, S)
-        scores = (scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool  # MHA: True =
-                  else scores + mask)  # masked out
+            else attn_mask[None, None]  # (N, H, L, S) or (1, 1, L, S)
+        masks.append(~mask if mask.dtype == torch.bool else mask)  # MHA: True = masked out
     if key_padding_mask is not None:
-        padding = key_padding_mask.bool() if key_padding_mask.dtype != torch.bool \
-            else key_padding_mask
-        if key_padding_mask.dtype.is_floating_point:
-            scores = scores + key_padding_mask[:, None, None, :]
-        else:
-            scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))  # (N, 1, 1, S)
-    if bound.get("is_causal") and attn_mask is None:
-        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores
+        padding = key_padding_mask[:, None, None, :]  # (N, 1, 1, S)
+        masks.append(padding if padding.dtype.is_floating_point else ~padding.bool())
+    causal = bool(bound.get("is_causal")) and attn_mask is None
+    return AttentionProblem(q, k, 1.0 / math.sqrt(dim), causal, tuple(masks))
+
+
+def mha_scores(module: nn.MultiheadAttention, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> torch.Tensor:
+    """Pre-softmax scores (B, H, L, S) of one ``nn.MultiheadAttention`` call."""
+    return dense_scores(mha_problem(module, args, kwargs))

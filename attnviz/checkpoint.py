@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnviz.containers import ForeignObjectInfo, TensorMapping, find_tensor_mapping
-from attnviz.errors import CheckpointError, ConfigError, CorruptCheckpointError, LimitExceededError
+from attnviz.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    LimitExceededError,
+    param,
+)
 from attnviz.formats import detect
 from attnviz.formats.base import LoadedFile, StorageSpan, require_regular
 from attnviz.formats.json_text import JsonTextError, parse_json
@@ -139,7 +145,7 @@ def read_json(path: Path, what: str) -> Any:
         raise ConfigError(f"cannot read {what} ({exc.strerror})", path=path) from exc
     except JsonTextError as exc:
         raise ConfigError(f"cannot read {what}: it {exc}", path=path,
-                          hint="fix or remove the file, or pass --config") from exc
+                          hint=f"fix or remove the file, or pass {param('config')}") from exc
 
 
 def load_config(path: Path) -> dict[str, Any]:

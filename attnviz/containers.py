@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnviz.errors import ContainerKeyError, LimitExceededError
+from attnviz.errors import ContainerKeyError, LimitExceededError, param
 from attnviz.formats.foreign import ForeignObjectInfo, foreign_objects
 from attnviz.formats.placeholders import ForeignObject
 from attnviz.formats.safe_pickle import TensorRef
@@ -273,9 +273,10 @@ def find_tensor_mapping(
         tensors = _direct_tensors(node) if node is not None else {}
         if not tensors:
             paths = [c.where.text() or "<root>" for c in candidates[:11]]
-            raise ContainerKeyError(f"--key '{key}' names no mapping of tensors", path=path,
+            raise ContainerKeyError(f"{param('key')} '{key}' names no mapping of tensors",
+                                    path=path,
                                     hint=f"mappings with tensors: {', '.join(paths[:10]) or 'none'}"
-                                    + (", ..." if len(paths) > 10 else ""))
+                                    + (", ..." if len(paths) > 10 else ""), param="key")
         chosen_path: str | None = key
     elif candidates:
         chosen = _choose(candidates)

@@ -1,8 +1,10 @@
 """Resolving the number of heads, which no weight tensor stores.
 
-Order, first answer wins and its source is always reported: ``--heads`` (global or per-layer
-pattern), a config.json, training args stored in the checkpoint, shapes that carry it. Otherwise
-"unknown": never a silent default.
+Order, first answer wins and its source is always reported: an override (``heads=``, global or
+per-layer pattern), a config.json, training args stored in the checkpoint, shapes that carry it.
+Otherwise "unknown": never a silent default. An override that differs from what the rest would
+say is recorded (``HeadsInfo.replaced``: callers warn, and build models with it); one that the
+layer's own tensor shapes contradict is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from attnviz.errors import HeadsError, UsageError
+from attnviz.errors import HeadsError, UsageError, param
 from attnviz.formats.placeholders import ForeignObject
 from attnviz.layouts.spec import AttentionLayer, Packing
 
@@ -65,10 +67,22 @@ def parse_heads_option(values: Iterable[str]) -> tuple[HeadsOverride, ...]:
     for raw in values:
         pattern, _, count = raw.rpartition("=")
         if not count.strip().isdigit() or int(count) <= 0:
-            raise UsageError(f"--heads '{raw}' is not N or 'pattern=N' with N a positive integer",
-                             hint="e.g. --heads 8 or --heads 'decoder.*=16'")
+            raise UsageError(f"{param('heads')} '{raw}' is not N or 'pattern=N' with N a "
+                             "positive integer", param="heads",
+                             hint=f"e.g. {param('heads')} 8 or {param('heads')} 'decoder.*=16'")
         overrides.append(HeadsOverride(pattern.strip() or None, int(count)))
     return tuple(overrides)
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """The count a heads override replaced for one layer, and where that count came from."""
+
+    count: int
+    source: str  # what ``HeadsInfo.source`` would have said without the override
+    settings: str | None = None  # "config.json" or "checkpoint <block>" when one gave it
+    key: str | None = None  # that block's key: ``num_attention_heads``, ``num_heads[2]``,
+    # ``head_dim`` (the count was E / head_dim), None when the key cannot be set (ConvBERT)
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,14 @@ class HeadsInfo:
     num_kv_heads: int | None = None
     head_dim: int | None = None
     kv_source: str = "shapes"
+    # an override set num_heads; ``replaced`` is the count settings or shapes would have given
+    # (None when they give none): ``overrides_stored`` says whether the two differ
+    overridden: bool = False
+    replaced: Replaced | None = None
+
+    @property
+    def overrides_stored(self) -> bool:
+        return self.replaced is not None and self.replaced.count != self.num_heads
 
 
 def _get(node: Any, dotted: str) -> Any:
@@ -188,9 +210,12 @@ def _override_for(name: str, overrides: tuple[HeadsOverride, ...]) -> HeadsOverr
     return chosen
 
 
-def _shape_heads(layer: AttentionLayer, peers: list[AttentionLayer]) -> tuple[int, str] | None:
-    """Heads from this layer's own shapes, else from same-width layers' shapes if they agree."""
-    for candidates in ([layer], [p for p in peers if p.q_rows == layer.q_rows]):
+def _shape_heads(layer: AttentionLayer, peers: list[AttentionLayer]
+                 ) -> tuple[int, str, bool] | None:
+    """Heads from this layer's own shapes, else from same-width layers' shapes if they agree;
+    the flag says whether the layer's own tensors gave it."""
+    for own, candidates in ((True, [layer]), (False, [p for p in peers
+                                                      if p.q_rows == layer.q_rows])):
         found = set()
         for item in candidates:
             for kind, value, tensor in item.heads_evidence:
@@ -200,7 +225,25 @@ def _shape_heads(layer: AttentionLayer, peers: list[AttentionLayer]) -> tuple[in
                     found.add((item.q_rows // value, tensor))
         if len({value for value, _ in found}) == 1:
             value, tensor = sorted(found)[0]
-            return value, f"shape of {tensor}"
+            return value, f"shape of {tensor}", own
+    return None
+
+
+def _natural(layer: AttentionLayer, settings: list[Settings], peers: list[AttentionLayer]
+             ) -> tuple[Replaced, bool] | None:
+    """The count without any override: settings, then shapes, then a head_dim setting; the
+    flag says whether the layer's own tensor shapes fix it."""
+    for item in settings:
+        found = item.heads_for(layer.name)
+        if found is not None:
+            key = found[1] if " // " not in found[1] else None
+            return Replaced(found[0], f"{item.label}: {found[1]}", item.label, key), False
+    if (shaped := _shape_heads(layer, peers)) is not None:
+        return Replaced(shaped[0], shaped[1]), shaped[2]
+    for item in settings:  # a head_dim setting alone still fixes H
+        if (dim := item.lookup(HEAD_DIM_KEYS)) is not None and layer.q_rows % dim[0] == 0:
+            return Replaced(layer.q_rows // dim[0], f"{item.label}: {dim[1]} ({dim[0]})",
+                            item.label, dim[1]), False
     return None
 
 
@@ -211,49 +254,52 @@ def resolve_heads(
     settings: list[Settings] | None = None,
     peers: list[AttentionLayer] | None = None,
 ) -> HeadsInfo:
-    """Resolve H (and Hkv, d) for one layer; raise ``HeadsError`` when they cannot fit."""
+    """Resolve H (and Hkv, d) for one layer; raise ``HeadsError`` when they cannot fit.
+
+    An override wins over settings and peers' shapes (``replaced`` keeps what they said) but
+    never over the layer's own tensor shapes: a count they contradict is refused."""
     settings = settings or []
-    heads: int | None = None
-    source = "unknown"
+    where = f"layer '{layer.display_name}'"
+    natural = _natural(layer, settings, peers or [])
     override = _override_for(layer.name, overrides)
+    replaced = None
     if override is not None:
         heads = override.heads
         source = "--heads" if override.pattern is None else f"--heads '{override.pattern}'"
-    if heads is None:
-        for item in settings:
-            found = item.heads_for(layer.name)
-            if found is not None:
-                heads, source = found[0], f"{item.label}: {found[1]}"
-                break
-    if heads is None and (found := _shape_heads(layer, peers or [])) is not None:
-        heads, source = found
-    if heads is None:
-        for item in settings:  # a head_dim setting alone still fixes H
-            if (dim := item.lookup(HEAD_DIM_KEYS)) is not None and layer.q_rows % dim[0] == 0:
-                heads, source = layer.q_rows // dim[0], f"{item.label}: {dim[1]} ({dim[0]})"
-                break
-    if heads is None:
+        replaced = natural[0] if natural is not None else None
+        if natural is not None and natural[0].count != heads and natural[1]:
+            raise HeadsError(f"{where}: an override of {heads} heads contradicts the "
+                             f"{natural[0].source}, which gives {natural[0].count}",
+                             param="heads",
+                             hint=f"drop the override for this layer or give "
+                                  f"{natural[0].count}")
+    elif natural is not None:
+        heads, source = natural[0].count, natural[0].source
+    else:
         return HeadsInfo(None, "unknown (pass --heads N)", None, None)
 
-    where = f"layer '{layer.display_name}'"
     if layer.q_rows % heads:
         raise HeadsError(f"{where}: embed dim E={layer.q_rows} is not divisible by H={heads} "
-                         f"heads (from {source})", hint="pass the right count with --heads")
+                         f"heads (from {'the override' if override else source})",
+                         param="heads",
+                         hint="give a count that divides E")
     head_dim = layer.q_rows // heads
     kv_heads, kv_source = _kv_heads(layer, heads, head_dim, settings, where)
-    return HeadsInfo(heads, source, kv_heads, head_dim, kv_source)
+    return HeadsInfo(heads, source, kv_heads, head_dim, kv_source, override is not None,
+                     replaced)
 
 
 def _kv_heads(layer: AttentionLayer, heads: int, head_dim: int, settings: list[Settings],
               where: str) -> tuple[int, str]:
     if layer.kv_rows is None or layer.kv_rows % head_dim:
         raise HeadsError(f"{where}: k/v rows {layer.kv_rows} are not a multiple of head dim "
-                         f"{head_dim} (E={layer.q_rows}, H={heads})",
-                         hint="pass the right count with --heads")
+                         f"{head_dim} (E={layer.q_rows}, H={heads})", param="heads",
+                         hint="give a count whose head dim divides them")
     kv_heads = layer.kv_rows // head_dim
     if kv_heads == 0 or heads % kv_heads:
         raise HeadsError(f"{where}: {kv_heads} key/value heads do not divide H={heads} "
-                         f"(E={layer.q_rows})", hint="pass the right count with --heads")
+                         f"(E={layer.q_rows})", param="heads",
+                         hint="give a multiple of the key/value heads")
     for item in settings:
         declared = item.kv_heads()
         if declared is None:

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,10 +15,16 @@ from attnviz import __version__
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint, load_checkpoint
-from attnviz.errors import AttnvizError, UsageError
+from attnviz.errors import AttnvizError, UsageError, param
+from attnviz.heads_override import check_captured_heads, override_warnings
 from attnviz.inspection import InspectReport, analyse
+from attnviz.maps_stream import MapsToDisk
 from attnviz.models.sources import LoadedModel, is_hf_directory, load_model
 from attnviz.models.torch_transformer import ModelBuildError
+from attnviz.pooling import POOL_MODES
+from attnviz.query_rows import query_rows
+from attnviz.reducers import MapReducer, PooledMaps, QueryRows, Reducers, reduce_maps
+from attnviz.selectors import order_like, parse, select, select_heads
 from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare
 
 VIEWS = ("auto", "matrix", "grid")
@@ -35,6 +41,8 @@ class HeatmapOptions:
     batch_index: int = 0
     title: str | None = None
     cmap: str = "viridis"
+    pool: str = "max"  # how maps larger than their pixels are reduced: max or mean
+    query: str | None = None  # rows to draw as strips over every key (attnviz.query_rows)
 
 
 @dataclass
@@ -46,31 +54,29 @@ class HeatmapResult:
     model: str
     maps_file: Path | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # heads overrides of stored counts
+
+    def _repr_html_(self) -> str:  # with the written PNG or SVG inline
+        from attnviz.notebook_tables import heatmap_html
+
+        return heatmap_html(self)
 
 
 def parse_selector(text: str, count: int, what: str) -> list[int] | None:
-    """'all', 'mean' (-> None), '3', '-1', '0-3', '0,2,5-7' -> indices in range."""
-    text = text.strip().lower()
-    if text == "mean":
-        return None
-    if text == "all":
-        return list(range(count))
-    chosen: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if re.fullmatch(r"-?\d+", part):
-            chosen.append(int(part))
-        elif match := re.fullmatch(r"(\d+)-(\d+)", part):
-            chosen += list(range(int(match.group(1)), int(match.group(2)) + 1))
-        else:
-            raise UsageError(f"--{what} '{text}': use an index, a range like 0-3, a list, "
-                             "'all' or 'mean'")
-    resolved = [i + count if i < 0 else i for i in chosen]
-    bad = [i for i in resolved if not 0 <= i < count]
-    if bad or not resolved:
-        raise UsageError(f"--{what} '{text}' is out of range: there are {count} {what}s "
-                         f"(0..{count - 1})")
-    return resolved
+    """'all', 'mean' (-> None), '3', '-1', '0-3', '0,2,5-7' -> indices of ``count`` things
+    (``what``: 'layer' or 'head', also the parameter named by errors); attnviz.selectors has
+    the whole grammar, names and globs included."""
+    return select_heads(text, count, param=what) if what == "head" else \
+        select(text, [str(i) for i in range(count)], param=what, noun=what, allow_mean=True)
+
+
+def check_selectors(layer: str | None, head: str | None) -> None:
+    """Refuse layer or head selectors that cannot select anything (a reversed range, a name
+    for a head) before any model work; what they pick is resolved after the capture."""
+    if layer is not None:
+        parse(layer, allow_mean=True)
+    if head is not None:
+        parse(head, param="head", noun="head", allow_mean=True, by_name=False)
 
 
 @dataclass
@@ -83,26 +89,35 @@ class Panels:
     col_titles: list[str]
     layers: list[str | None]
     notes: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # every captured layer, by its index
 
 
-def select_panels(maps: AttentionMaps, options: HeatmapOptions) -> Panels:
+def select_panels(maps: AttentionMaps, options: HeatmapOptions,
+                  reference: Sequence[str] = ()) -> Panels:
     """Panels (rows = layers or their mean, cols = heads or their mean) for one batch item.
+
+    ``options.layer`` is an attnviz.selectors selector; its indices count the captured layers
+    in the order of ``reference``, the checkpoint's layers as inspect lists them (captured
+    modules it lacks come last), so that ``--layer 3`` is inspect's layer 3.
 
     Layers with fewer heads than the most (BART: 4 encoder, 8 decoder heads) get empty cells
     (NaN, drawn grey) for the heads they lack; maps of different shapes (encoder, decoder,
     cross-attention) are padded with NaN to the largest, so the default command never fails."""
-    names = list(maps)
-    layer_ids = parse_selector(options.layer, len(names), "layer")
+    names, aliases = order_like(list(maps), reference)
+    shown = [name or "(root)" for name in names]
+    layer_ids = select(options.layer, shown, allow_mean=True,
+                       aliases=[None if a is None else a or "(root)" for a in aliases])
     chosen = names if layer_ids is None else [names[i] for i in layer_ids]
     shapes = {tuple(maps[n].shape[1:]) for n in chosen}
     if layer_ids is None and len(shapes) > 1:
-        raise UsageError("--layer mean needs layers of one shape; these differ",
-                         hint="select layers of one kind, e.g. --layer 0-5")
+        raise UsageError("'mean' needs layers of one shape; these differ", param="layer",
+                         hint="select layers of one kind, e.g. 0-5")
     first = maps[chosen[0]]
     if not 0 <= options.batch_index < first.shape[0]:
-        raise UsageError(f"--batch-index {options.batch_index}: the batch has {first.shape[0]}")
+        raise UsageError(f"{param('batch_index')} {options.batch_index}: the batch has "
+                         f"{first.shape[0]}", param="batch_index")
     heads = max(maps[n].shape[1] for n in chosen)
-    head_ids = parse_selector(options.head, heads, "head")
+    head_ids = select_heads(options.head, heads)
     notes: list[str] = []
 
     def row(stack: torch.Tensor) -> list[torch.Tensor]:  # stack (H, Lq, Lk)
@@ -124,7 +139,7 @@ def select_panels(maps: AttentionMaps, options: HeatmapOptions) -> Panels:
         row_titles = [n or "(root)" for n in chosen]
         layers = list(chosen)
     col_titles = ["head mean"] if head_ids is None else [f"head {h}" for h in head_ids]
-    return Panels(rows, row_titles, col_titles, layers, notes)
+    return Panels(rows, row_titles, col_titles, layers, notes, names)
 
 
 def pad_panels(rows: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], bool]:
@@ -172,52 +187,135 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
                      ) -> HeatmapResult:
     path, output = Path(checkpoint), Path(output)
     if options.view not in VIEWS or options.scale not in SCALES:
-        raise UsageError(f"--view is one of {', '.join(VIEWS)}; --scale one of "
-                         f"{', '.join(SCALES)}")
+        raise UsageError(f"{param('view')} is one of {', '.join(VIEWS)}; {param('scale')} one of "
+                         f"{', '.join(SCALES)}", param="view")
+    check_selectors(options.layer, options.head)
+    if options.query is not None and options.view != "auto":
+        raise UsageError(f"{param('query')} draws strips; it takes no {param('view')}",
+                         param="query")
+    if options.pool not in POOL_MODES:
+        raise UsageError(f"'{options.pool}': use {' or '.join(POOL_MODES)}", param="pool")
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force, reads=request_files(request))
     report = analyse(ckpt, heads, layout=layout)
-    maps, prepared, loaded = capture_sequence(path, ckpt, report, request, factory=factory,
-                                              strict=strict, norm_first=norm_first,
-                                              activation=activation,
-                                              attn_implementation=attn_implementation)
-    panels = select_panels(maps, options)
+    cells = stream_cells(report)
+    pooled: PooledMaps | QueryRows = PooledMaps(cells, cells, mode=options.pool)
+    if options.query is not None:
+        pooled = QueryRows(query_rows(options.query))
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if maps_path is not None:  # full maps go to disk layer by layer as they are captured
+            writer = MapsToDisk(stack.enter_context(atomic_output(maps_path)))
+            stack.callback(writer.close)
+        maps, prepared, loaded = capture_sequence(
+            path, ckpt, report, request, factory=factory, strict=strict, norm_first=norm_first,
+            activation=activation, attn_implementation=attn_implementation,
+            reduce=pooled if writer is None else Reducers([pooled, writer]))
+        if writer is not None and maps_path is not None:
+            writer.finish(maps_metadata(maps, prepared, loaded.description))
+    maps = replace(maps, maps=pooled.maps)
+    if isinstance(pooled, QueryRows):
+        return _query_strips(maps, pooled, prepared, loaded, report, output, options,
+                             maps_path)
+    panels = select_panels(maps, options, [item.layer.name for item in report.layers])
     rows = panels.rows
     view = options.view
     if view == "auto":
         view = "matrix" if len(rows) == 1 and len(rows[0]) == 1 else "grid"
     if view == "matrix" and (len(rows) > 1 or len(rows[0]) > 1):
-        raise UsageError("--view matrix shows one map: select one --layer and one --head "
-                         "(or 'mean')")
-    notes = _render(panels, prepared, output, view, options)
+        raise UsageError(f"{param('view')} matrix shows one map: select one {param('layer')} and "
+                         f"one {param('head')} (or 'mean')", param="view")
+    if options.title is None:
+        from attnviz.captions import model_label, sequence_input, sequence_title
+
+        options = replace(options, title=sequence_title(
+            view, panels.layers, panels.order, panels.col_titles,
+            shared=options.scale == "shared", model=model_label(loaded.description, path),
+            source=sequence_input(request, prepared)))
+    notes = _render(panels, prepared, output, view, options, maps.shapes)
     result = HeatmapResult(output, view, panels.row_titles, panels.col_titles,
                            loaded.description,
-                           notes=[*loaded.notes, *prepared.notes, *panels.notes, *notes])
+                           notes=[*loaded.notes, *prepared.notes, *panels.notes, *notes],
+                           warnings=override_warnings(report.layers))
     if maps.missed:
         result.notes.append(f"no map from {len(maps.missed)} attention module(s): "
                             f"{', '.join(maps.missed[:4])}")
-    if maps_path is not None:
-        save_maps_file(maps, prepared, maps_path, loaded.description)
-        result.maps_file = maps_path
+    result.maps_file = maps_path
     return result
+
+
+def _query_strips(maps: AttentionMaps, rows: QueryRows, prepared: PreparedCall,
+                  loaded: LoadedModel, report: InspectReport, output: Path,
+                  options: HeatmapOptions, maps_path: Path | None) -> HeatmapResult:
+    """Chosen query rows of every chosen layer and head, as strips over every key."""
+    from attnviz.render import FORMATS
+    from attnviz.render_strips import Strip, render_strips
+
+    names, aliases = order_like(list(maps), [item.layer.name for item in report.layers])
+    shown = [name or "(root)" for name in names]
+    layer_ids = select(options.layer, shown,
+                       aliases=[None if a is None else a or "(root)" for a in aliases])
+    chosen = names if layer_ids is None else [names[i] for i in layer_ids]
+    strips: list[Strip] = []
+    key_labels: list[str] = []
+    for name in chosen:
+        tensor = maps[name][options.batch_index]  # (H, n, S)
+        length, source = maps.shapes[name][2:]
+        labels = prepared.labels_for(name, length, source)
+        key_labels = key_labels or labels[1]
+        head_ids = select_heads(options.head, tensor.shape[0]) or range(tensor.shape[0])
+        for head in head_ids:
+            for position, row in enumerate(rows.chosen[name]):
+                suffix = f" q{row}" if len(rows.chosen[name]) > 1 else ""
+                strips.append(Strip(name or "(root)", f"h{head}{suffix}", labels[0][row],
+                                    tensor[head, position]))
+    if len({s.values.numel() for s in strips}) > 1:
+        raise UsageError("the chosen layers have different key lengths: select layers of one "
+                         "kind", param="layer", hint="e.g. the decoder's self-attention")
+    first_labels = prepared.labels_for(chosen[0], *maps.shapes[chosen[0]][2:])[0]
+    rows_named = ", ".join(f"{r} '{first_labels[r]}'" for r in rows.chosen[chosen[0]][:4])
+    title = options.title or f"{loaded.description}: what query row {rows_named} attends to"
+    with atomic_output(output) as temp:
+        notes = render_strips(strips, key_labels, temp, FORMATS[output.suffix.lower()],
+                              title=title, pool=options.pool, cmap=options.cmap,
+                              shared_scale=options.scale == "shared")
+    layers = sorted({s.layer for s in strips}, key=[n or "(root)" for n in chosen].index)
+    return HeatmapResult(output, "strips", layers, sorted({s.head for s in strips}),
+                         loaded.description, maps_file=maps_path,
+                         notes=[*loaded.notes, *prepared.notes, *notes],
+                         warnings=override_warnings(report.layers))
+
+
+def stream_cells(report: InspectReport, max_pixels: int = 2000) -> int:
+    """Cells a side each map is pooled to as it is captured: its share of the grid's pixels
+    (the checkpoint's layers x its most heads), never below what a matrix view needs."""
+    layers = max(1, len(report.layers))
+    heads = max((item.heads.num_heads or 1 for item in report.layers), default=1)
+    return max(256, min(1024, max_pixels // max(layers, heads)))
 
 
 def capture_sequence(path: Path, ckpt: Checkpoint, report: InspectReport,
                      request: SequenceRequest, *, factory: str | None = None,
                      strict: bool = True, norm_first: bool = False, activation: str = "relu",
-                     attn_implementation: str = "auto"
+                     attn_implementation: str = "auto", reduce: MapReducer | None = None
                      ) -> tuple[AttentionMaps, PreparedCall, LoadedModel]:
     """Load or rebuild the model, prepare the request's inputs and run it under capture.
 
-    For an HF directory ``prepared.inputs`` are the kwargs given to the model (or to its
-    ``prepared.module``), and banded maps are put in the shape the model defines."""
+    ``reduce``: stream each layer's maps to this reducer (``maps`` then holds only routes and
+    shapes); models whose maps need reshaping afterwards (banded attention) are captured whole
+    and then fed to it. For an HF directory ``prepared.inputs`` are the kwargs given to the
+    model (or to its ``prepared.module``), and banded maps are put in the shape the model
+    defines."""
     if attn_implementation != "auto" and not is_hf_directory(path):
-        raise UsageError("--attn-implementation applies to HF model directories only")
+        raise UsageError(f"{param('attn_implementation')} applies to HF model directories only",
+                         param="attn_implementation")
     loaded = load_model(path, ckpt, report, factory=factory, strict=strict,
                         norm_first=norm_first, activation=activation,
                         attn_implementation=attn_implementation)
     prepared = prepare(loaded, request)
-    with torch.no_grad(), capture_attention(loaded.model) as maps:
+    banded = loaded.kind == "hf" and _is_banded(loaded.model)
+    streamed = reduce if reduce is not None and not banded else None
+    with torch.no_grad(), capture_attention(loaded.model, reduce=streamed) as maps:
         try:
             prepared.run()
         except AttnvizError:
@@ -227,17 +325,29 @@ def capture_sequence(path: Path, ckpt: Checkpoint, report: InspectReport,
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise ModelBuildError(f"the forward pass of {loaded.description} failed: "
                                   f"{type(exc).__name__}: {first}", path=path,
-                                  hint="check that the inputs fit the model (--seq-len, "
-                                  "--input, --tokens, --tgt-*)") from exc
-    if loaded.kind == "hf":
+                                  hint="check that the inputs fit the model "
+                                       f"({param('seq_len')}, {param('input_file')}, "
+                                       f"{param('tokens')}, {param('tgt_')}*)") from exc
+    check_captured_heads(maps, report.layers, loaded.description)
+    if loaded.kind == "hf" and streamed is None:
         from attnviz.models.hf_maps import adapt_maps
 
         prepared.notes += adapt_maps(maps, loaded.model, prepared.inputs)
+    if reduce is not None and streamed is None:
+        reduce_maps(maps.maps, reduce)
+        maps.shapes.update({k: tuple(v.shape) for k, v in maps.maps.items()})
+        maps.maps = {}
     return maps, prepared, loaded
 
 
+def _is_banded(model: torch.nn.Module) -> bool:
+    from attnviz.models.hf_maps import is_banded
+
+    return is_banded(getattr(getattr(model, "config", None), "model_type", None))
+
+
 def _render(panels: Panels, prepared: PreparedCall, output: Path, view: str,
-            options: HeatmapOptions) -> list[str]:
+            options: HeatmapOptions, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     from attnviz import render
 
     fmt = render.FORMATS[output.suffix.lower()]
@@ -247,34 +357,45 @@ def _render(panels: Panels, prepared: PreparedCall, output: Path, view: str,
             matrix = panels.rows[0][0].float().numpy()
             title = options.title or f"{panels.row_titles[0]} · {panels.col_titles[0]}"
             layer = panels.layers[0]
-            if layer is None:
-                query, key = prepared.labels_for("", *matrix.shape)
-            else:
-                query, key = prepared.labels_for(layer, *matrix.shape)
+            source = shapes.get(layer or next(iter(shapes), ""), (0, 0, *matrix.shape))
+            query, key = prepared.labels_for(layer or "", *source[2:])
+            if tuple(source[2:]) != matrix.shape:  # pooled: each cell labelled by its first token
+                query, key = block_labels(query, matrix.shape[0]), block_labels(key,
+                                                                                matrix.shape[1])
+                notes.append(f"map pooled by {options.pool} from {source[2]}x{source[3]} to "
+                             f"{matrix.shape[0]}x{matrix.shape[1]} cells")
             render.render_matrix(matrix, query, key, temp, fmt, title=title, cmap=options.cmap)
         else:
             rows, padded = pad_panels(panels.rows)
             if padded:
                 notes.append("layers have maps of different shapes: each is drawn top-left in "
                              "its cell, grey beyond its own size")
-            render.render_grid([[p.numpy() for p in r] for r in rows], panels.row_titles,
-                               panels.col_titles, temp, fmt,
-                               title=options.title or "attention per layer and head",
-                               shared_scale=options.scale == "shared", cmap=options.cmap)
+            pooled = render.render_grid([[p.numpy() for p in r] for r in rows],
+                                        panels.row_titles, panels.col_titles, temp, fmt,
+                                        title=options.title or "attention per layer and head",
+                                        shared_scale=options.scale == "shared", cmap=options.cmap,
+                                        pool=options.pool)
+            captured = {tuple(s[2:]) for s in shapes.values()}
+            biggest = max(captured, default=(0, 0))
+            if pooled or biggest > tuple(rows[0][0].shape):
+                notes.append(pooled or f"maps pooled by {options.pool} to "
+                             f"{rows[0][0].shape[0]}x{rows[0][0].shape[1]} cells")
     return notes
 
 
-def save_maps_file(maps: AttentionMaps, prepared: PreparedCall, path: Path,
-                   description: str) -> None:
-    """The raw captured maps (B, H, Lq, Lk) by layer name, tokens and routes in the metadata."""
-    from safetensors.torch import save_file
+def block_labels(labels: list[str], cells: int) -> list[str]:
+    """Labels of pooled cells: the first token of each cell's block of positions."""
+    length = len(labels)
+    return [labels[-(-j * length // cells)] for j in range(cells)]
 
-    tensors = {name or "(root)": tensor.contiguous() for name, tensor in maps.items()}
-    tensors.update({f"{name or '(root)'}.scores": t.contiguous()
-                    for name, t in maps.scores.items()})
+
+def maps_metadata(maps: AttentionMaps, prepared: PreparedCall,
+                  description: str) -> dict[str, str]:
+    """What a saved maps file says about its tensors: layers, routes, tokens, axes."""
+    names = list(maps.routes)
     metadata = {
         "format": "attnviz-maps", "attnviz_version": __version__, "model": description,
-        "layers": json.dumps(list(maps)), "routes": json.dumps(maps.routes),
+        "layers": json.dumps(names), "routes": json.dumps(maps.routes),
         "source_tokens": json.dumps(prepared.source_labels),
         "target_tokens": json.dumps(prepared.target_labels),
         "layout": "B, H, Lq, Lk",
@@ -282,9 +403,8 @@ def save_maps_file(maps: AttentionMaps, prepared: PreparedCall, path: Path,
     if prepared.layer_sides is not None:  # HF: which tokens each layer's rows and cols are
         resolve = prepared.layer_sides
         metadata["axes"] = json.dumps({name or "(root)": list(resolve(name.split("#")[0]))
-                                       for name in maps})
+                                       for name in names})
         metadata["sides"] = json.dumps(prepared.sides)
         metadata["inputs"] = json.dumps({k: list(v.shape) for k, v in prepared.inputs.items()})
         metadata["module"] = prepared.module
-    with atomic_output(path) as temp:
-        save_file(tensors, str(temp), metadata=metadata)
+    return metadata

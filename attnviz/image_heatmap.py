@@ -5,6 +5,7 @@ self-attention at reference points."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,18 @@ from attnviz import __version__
 from attnviz.atomic import atomic_output
 from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import UsageError
-from attnviz.heatmap import HeatmapResult, open_for_heatmap, parse_selector
+from attnviz.errors import UsageError, param
+from attnviz.heads_override import override_warnings
+from attnviz.heatmap import HeatmapResult, check_selectors, open_for_heatmap
 from attnviz.image_inputs import detr_image, parse_size, vit_image
 from attnviz.inspection import analyse
 from attnviz.models.coco_names import COCO_NAMES
 from attnviz.models.sources import is_hf_directory
 from attnviz.rollout import attention_rollout
+from attnviz.selectors import listing, order_like, select_among, select_heads
 
 VIEWS = ("auto", "overlay", "rollout")
+SCALES = ("shared", "panel")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ImageOptions:
     alpha: float = 0.55
     smooth: bool = False
     title: str | None = None
+    scale: str = "shared"  # or "panel": each overlay coloured by its own maximum
     text: str | None = None  # multi-tower HF models (CLIP): the text tower's input
     tokens: str | None = None
     attn_implementation: str = "auto"
@@ -62,6 +67,7 @@ class Figure:
     image: np.ndarray | None = None  # (H, W, 3) uint8: the model's input pixels
     notes: list[str] = field(default_factory=list)
     prepared: Any = None  # HF models: the PreparedCall (forward kwargs, token sides)
+    layers: str = ""  # which layers the figure shows, in words ("block 3 of 4")
 
 
 def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOptions, *,
@@ -70,21 +76,33 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
                   force: bool = False, layout: str | None = None) -> HeatmapResult:
     path, output = Path(checkpoint), Path(output)
     if options.view not in VIEWS:
-        raise UsageError(f"--view with --image is one of {', '.join(VIEWS)}")
+        raise UsageError(f"{param('view')} with {param('image')} is one of {', '.join(VIEWS)}",
+                         param="view")
+    if options.scale not in SCALES:
+        raise UsageError(f"'{options.scale}': use {' or '.join(SCALES)}", param="scale")
+    check_selectors(options.layer, options.head)
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force, reads=[options.image])
-    figure, maps, description = image_figure(path, ckpt, analyse(ckpt, heads, layout=layout),
-                                               options)
+    report = analyse(ckpt, heads, layout=layout)
+    figure, maps, description = image_figure(path, ckpt, report, options)
     from attnviz import render
+    from attnviz.captions import image_input, image_title, model_label
 
+    shared = options.scale == "shared"
+    panels = figure.panels if shared else per_panel_overlays(figure, options)
+    size = None if figure.image is None else (figure.image.shape[0], figure.image.shape[1])
+    title = options.title or image_title(figure.title, model_label(description, path),
+                                         image_input(options, size), figure.layers,
+                                         shared=shared)
+    bar = (figure.vmax, "attention (shared scale)") if shared else \
+        (1.0, "fraction of each panel's maximum")
     with atomic_output(output) as temp:
-        render.render_image_panels(figure.panels, temp, render.FORMATS[output.suffix.lower()],
-                                   title=options.title or figure.title,
-                                   panel_titles=figure.titles, boxes=figure.boxes,
-                                   points=figure.points,
-                                   colorbar=(figure.vmax, "attention"))
+        render.render_image_panels(panels, temp, render.FORMATS[output.suffix.lower()],
+                                   title=title, panel_titles=figure.titles, boxes=figure.boxes,
+                                   points=figure.points, colorbar=bar)
     result = HeatmapResult(output, "overlay", [t[0] for t in figure.titles],
-                           figure.titles[0], description, notes=list(figure.notes))
+                           figure.titles[0], description, notes=list(figure.notes),
+                           warnings=override_warnings(report.layers))
     if maps_path is not None:
         from safetensors.torch import save_file
 
@@ -103,6 +121,23 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
             save_file({n: t.contiguous() for n, t in maps.items()}, str(temp), metadata=metadata)
         result.maps_file = maps_path
     return result
+
+
+def per_panel_overlays(figure: Figure, options: ImageOptions) -> list[list[np.ndarray]]:
+    """The figure's overlays again, each coloured from 0 to its own map's maximum."""
+    from attnviz.render import overlay
+
+    if figure.image is None or figure.heats is None:
+        return figure.panels
+    panels = []
+    for row, heats in zip(figure.panels, figure.heats, strict=True):
+        redone = list(row)  # cells without a map (the plain image, blanks) stay as they are
+        for c, heat in enumerate(heats):
+            if heat is not None:
+                redone[c] = overlay(figure.image, heat, vmax=float(np.nanmax(heat)),
+                                    alpha=options.alpha, smooth=options.smooth)
+        panels.append(redone)
+    return panels
 
 
 def is_detr(path: Path, ckpt: Checkpoint) -> bool:
@@ -130,23 +165,63 @@ def image_figure(path: Path, ckpt: Checkpoint, report: Any, options: ImageOption
     if is_hf_directory(path):
         from attnviz.models.hf_vision import hf_vision_figure
 
-        return hf_vision_figure(path, ckpt, options)
+        return hf_vision_figure(path, ckpt, options, heads_from=report.layers,
+                                reference=reference_names(report))
     if options.text is not None or options.tokens is not None:
-        raise UsageError("--text/--tokens with --image need a multi-tower HF model directory "
-                         "(CLIP, SigLIP)", path=path)
+        raise UsageError(f"{param('text')}/{param('tokens')} with {param('image')} need a "
+                         "multi-tower HF model directory (CLIP, SigLIP)", path=path, param="text")
     if options.attn_implementation != "auto":
-        raise UsageError("--attn-implementation applies to HF model directories only")
+        raise UsageError(f"{param('attn_implementation')} applies to HF model directories only",
+                         param="attn_implementation")
     if is_detr(path, ckpt):
         return _detr(ckpt, report, options)
     if "patch_embed.proj.weight" in ckpt.tensors:
         return _vit(ckpt, report, options)
-    raise UsageError("--image needs a ViT (timm layout: patch_embed, blocks.N.attn.qkv) or "
-                     "a DETR (official layout) checkpoint", path=path,
-                     hint="for sequence models use --text/--tokens/--input/--seq-len")
+    from attnviz.models.family import recognise
+
+    family = recognise(ckpt, report)
+    held = f"; this file: {family.description}" if family is not None else ""
+    raise UsageError(f"{param('image')} needs a ViT (timm layout: patch_embed, "
+                     f"blocks.N.attn.qkv) or a DETR (official layout) checkpoint{held}",
+                     path=path, param="image",
+                     hint="for sequence models use "
+                          f"{param('text')}/{param('tokens')}/{param('input_file')}/"
+                          f"{param('seq_len')}")
+
+
+def _span(chosen: list[int] | None, total: int, unit: str) -> str:
+    from attnviz.captions import index_span
+
+    return f"mean of {total} {unit}s" if chosen is None else index_span(chosen, total, unit)
 
 
 def _heads(options: ImageOptions, count: int, default: str) -> list[int] | None:
-    return parse_selector(options.head or default, count, "head")
+    return select_heads(options.head or default, count)
+
+
+def reference_names(report: Any) -> list[str]:
+    """The checkpoint's layer names in inspect's order: what layer indices count."""
+    return [item.layer.name for item in getattr(report, "layers", ())]
+
+
+def pick_layers(maps: AttentionMaps, eligible: Sequence[str], reference: Sequence[str],
+                options: ImageOptions, *, what: str, allow_mean: bool, one: str = ""
+                ) -> tuple[list[str] | None, list[int] | None]:
+    """``options.layer`` among the captured layers a figure can draw (``eligible``): their
+    names (None for ``mean``) and their places among ``eligible`` (for titles). Indices count
+    every captured layer in the checkpoint's order, as ``inspect`` shows them; no selector:
+    the last eligible layer. ``one``: the figure draws one layer, so saying why."""
+    names, aliases = order_like(list(maps), reference)
+    chosen = select_among(options.layer, names, set(eligible), what=what,
+                          allow_mean=allow_mean, aliases=aliases)
+    if one and (chosen is None or len(chosen) != 1):
+        allowed = [i for i, name in enumerate(names) if name in set(eligible)]
+        raise UsageError(f"{one}: select one", param="layer",
+                         hint=f"{what}: {listing(names, allowed)}")
+    if chosen is None:
+        return None, None
+    place = {name: i for i, name in enumerate(eligible)}
+    return [names[i] for i in chosen], [place[names[i]] for i in chosen]
 
 
 def _head_panels(stack: torch.Tensor, head_ids: list[int] | None) -> list[tuple[str, Any]]:
@@ -170,14 +245,15 @@ def _vit(ckpt: Checkpoint, report: Any, options: ImageOptions
     description = (f"ViT rebuilt from the checkpoint: {spec.depth} blocks, dim {spec.dim}, "
                    f"{spec.heads} heads, patch {spec.patch}, grid {grid[0]}x{grid[1]}")
     figure = _vit_figure(maps, names, grid, spec.prefix_tokens, spec.has_cls, spec.patch,
-                         image.pixels, options)
+                         image.pixels, options, reference=reference_names(report))
     return figure, maps, description
 
 
 def _vit_figure(maps: AttentionMaps, names: list[str], grid: tuple[int, int], prefix: int,
-                has_cls: bool, patch: int, image_pixels: np.ndarray, options: ImageOptions
-                ) -> Figure:
-    """CLS -> patch overlays (layer x head grid) or rollout, for any ViT's captured maps."""
+                has_cls: bool, patch: int, image_pixels: np.ndarray, options: ImageOptions,
+                reference: Sequence[str] = ()) -> Figure:
+    """CLS -> patch overlays (layer x head grid) or rollout, for any ViT's captured maps
+    (``names``: the image layers; ``reference``: the checkpoint's layers, see pick_layers)."""
     from attnviz.render import overlay
 
     heads = maps[names[0]].shape[1]
@@ -197,22 +273,25 @@ def _vit_figure(maps: AttentionMaps, names: list[str], grid: tuple[int, int], pr
         title = (f"attention rollout over {len(names)} blocks (head fusion "
                  f"{options.head_fusion}, discard ratio {options.discard_ratio:g})")
         return Figure([[pixels, panel]], [["image", "rollout: CLS attention"]], title, vmax,
-                      metadata=meta, heats=[[None, heat]], image=image_pixels)
-    layer_ids = parse_selector(options.layer or "-1", len(names), "layer")
+                      metadata=meta, heats=[[None, heat]], image=image_pixels,
+                      layers=f"all {len(names)} blocks")
+    chosen, layer_ids = pick_layers(maps, names, reference, options, what="image layers",
+                                    allow_mean=True)
     head_ids = _heads(options, heads, "all")
     rows: list[tuple[str, list[tuple[str, Any]]]] = []
-    if layer_ids is None:
+    if chosen is None:
         stack = torch.stack([cls_rows(maps[n]) for n in names]).mean(dim=0)
         rows.append((f"mean of {len(names)} blocks", _head_panels(stack, head_ids)))
     else:
-        rows += [(names[i], _head_panels(cls_rows(maps[names[i]]), head_ids)) for i in layer_ids]
+        rows += [(name, _head_panels(cls_rows(maps[name]), head_ids)) for name in chosen]
     vmax = max(float(np.max(h)) for _, heads in rows for _, h in heads)
     panels = [[overlay(image_pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
                for _, h in heads] for _, heads in rows]
     titles = [[f"{name} · {t}" for t, _ in heads] for name, heads in rows]
     title = "CLS attention to each patch" if has_cls else "mean attention to each patch"
     heats: list[list[np.ndarray | None]] = [[h for _, h in heads] for _, heads in rows]
-    return Figure(panels, titles, title, vmax, metadata=meta, heats=heats, image=image_pixels)
+    return Figure(panels, titles, title, vmax, metadata=meta, heats=heats, image=image_pixels,
+                  layers=_span(layer_ids, len(names), "block"))
 
 
 def _class_names(ckpt: Checkpoint, classes: int) -> list[str]:
@@ -240,16 +319,18 @@ def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
                    f"{spec.decoder_layers} layers, hidden {spec.hidden}, {spec.heads} heads, "
                    f"{spec.queries} queries, feature map {fh}x{fw}")
     figure = _detr_figure(maps, out.logits, out.boxes, (fh, fw), image.pixels,
-                          image.original_size, _class_names(ckpt, spec.classes), options)
+                          image.original_size, _class_names(ckpt, spec.classes), options,
+                          reference=reference_names(report))
     return figure, maps, description
 
 
 def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Tensor,
                  feature_size: tuple[int, int], image_pixels: np.ndarray,
-                 original_size: tuple[int, int], names: list[str], options: ImageOptions
-                 ) -> Figure:
+                 original_size: tuple[int, int], names: list[str], options: ImageOptions,
+                 reference: Sequence[str] = ()) -> Figure:
     """The DETR paper's figure (per-query box + cross-attention) or encoder attention at
-    points, for any DETR's captured maps (rebuilt official layout or HF)."""
+    points, for any DETR's captured maps (rebuilt official layout or HF); ``reference``: the
+    checkpoint's layers, see pick_layers."""
     from attnviz.render import overlay
 
     fh, fw = feature_size
@@ -270,17 +351,18 @@ def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Te
 
     if options.points:
         layers = [n for n in maps if ".encoder." in n]
-        chosen = parse_selector(options.layer or "-1", len(layers), "layer")
-        if chosen is None or len(chosen) != 1:
-            raise UsageError("--point shows one encoder layer: pick one with --layer")
-        attention = maps[layers[chosen[0]]][0]  # (H, hw, hw)
+        picked, chosen = pick_layers(maps, layers, reference, options, allow_mean=False,
+                                     what="encoder self-attention layers",
+                                     one="reference points show one encoder layer")
+        assert picked is not None and chosen is not None  # ``one``: exactly one
+        attention = maps[picked[0]][0]  # (H, hw, hw)
         rows, points = [], []
         for x, y in options.points:
             sx = x * width / original_size[1]  # original pixels -> model input pixels
             sy = y * height / original_size[0]
             if not (0 <= sx < width and 0 <= sy < height):
-                raise UsageError(f"--point {x:g},{y:g} is outside the {original_size[1]}"
-                                 f"x{original_size[0]} image")
+                raise UsageError(f"{param('points')} {x:g},{y:g} is outside the {original_size[1]}"
+                                 f"x{original_size[0]} image", param="points")
             cell = int(sy * fh / height) * fw + int(sx * fw / width)
             rows.append((f"({x:g},{y:g})", _head_panels(attention[:, cell].reshape(-1, fh, fw),
                                                         head_ids)))
@@ -290,16 +372,18 @@ def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Te
         titles = [[f"{layers[chosen[0]]} at {p} · {t}" for t, _ in heats] for p, heats in rows]
         return Figure(panels, titles, "encoder self-attention at reference points", vmax,
                       points=tuple((p,) for p in points), metadata=meta,
-                      heats=[[h for _, h in heats] for _, heats in rows], image=image_pixels)
+                      heats=[[h for _, h in heats] for _, heats in rows], image=image_pixels,
+                      layers=_span(chosen, len(layers), "encoder layer"))
 
     layers = cross_layers
-    chosen = parse_selector(options.layer or "-1", len(layers), "layer")
-    if chosen is None or len(chosen) != 1:
-        raise UsageError("DETR figures show one decoder layer: pick one with --layer")
-    attention = maps[layers[chosen[0]]][0]  # (H, Q, hw)
+    picked, chosen = pick_layers(maps, layers, reference, options, allow_mean=False,
+                                 what="decoder cross-attention layers",
+                                 one="DETR figures show one decoder cross-attention layer")
+    assert picked is not None and chosen is not None  # ``one``: exactly one
+    attention = maps[picked[0]][0]  # (H, Q, hw)
     queries = list(options.queries)
     if any(not 0 <= q < query_count for q in queries):
-        raise UsageError(f"--query must be in 0..{query_count - 1}")
+        raise UsageError(f"{param('queries')} must be in 0..{query_count - 1}", param="queries")
     note = ""
     if not queries:
         order = scores.argsort(descending=True).tolist()
@@ -326,4 +410,4 @@ def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Te
     heat_rows: list[list[np.ndarray | None]] = [[None, *(h for _, h in heats)]
                                                 for _, heats in per_query]
     return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta, heats=heat_rows,
-                  image=image_pixels)
+                  image=image_pixels, layers=_span(chosen, len(layers), "decoder layer"))

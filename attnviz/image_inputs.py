@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +32,8 @@ def parse_size(text: str | None) -> tuple[int, int] | int | None:
         return int(text)
     match = re.fullmatch(r"(\d+)[x,](\d+)", text.strip().lower())
     if not match:
-        raise UsageError(f"--size '{text}': use N or HxW, e.g. 224 or 480x640")
+        raise UsageError(f"{param('size')} '{text}': use N or HxW, e.g. 224 or 480x640",
+                         param="size")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -41,7 +42,7 @@ def open_rgb(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
-        raise UsageError(f"--image {path}: no such file")
+        raise UsageError(f"{param('image')} {path}: no such file", param="image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -54,7 +55,8 @@ def open_rgb(path: Path) -> np.ndarray:
                 return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        raise UsageError(f"--image {path}: cannot be read as an image ({exc})") from exc
+        raise UsageError(f"{param('image')} {path}: cannot be read as an image ({exc})",
+                         param="image") from exc
 
 
 def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +14,23 @@ from attnviz.checkpoint import Checkpoint, load_checkpoint
 from attnviz.containers import ForeignObjectInfo
 from attnviz.errors import AttnvizError, with_path
 from attnviz.heads import HeadsInfo, parse_heads_option, resolve_heads, settings_from
+from attnviz.heads_override import override_warnings
 from attnviz.layouts import AttentionLayer, Unrecognised, find_attention_layers
 from attnviz.layouts.context import layout_context
 from attnviz.layouts.spec import LayoutContext
+from attnviz.selectors import natural_order, parse, resolve
 
 JSON_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One attention layer with its resolved heads."""
+    """One attention layer with its resolved heads; ``index``: its place in the checkpoint's
+    layer order, the number every layer selector (``--layer 3``) and inspect's table use."""
 
     layer: AttentionLayer
     heads: HeadsInfo
+    index: int = 0
 
 
 @dataclass
@@ -36,6 +40,10 @@ class InspectReport:
     unrecognised: list[Unrecognised]
     warnings: list[str] = field(default_factory=list)
     context: LayoutContext = field(default_factory=LayoutContext)
+    # what a layer selector keeps (``select_layers``): indices into ``layers`` and tensor
+    # names; None: everything
+    selected: frozenset[int] | None = None
+    shown_tensors: frozenset[str] | None = None
 
     @property
     def dtypes(self) -> dict[str, int]:
@@ -44,6 +52,22 @@ class InspectReport:
     @property
     def code_objects(self) -> list[ForeignObjectInfo]:
         return [f for f in self.checkpoint.foreign_objects if f.names_code]
+
+    def shows_layer(self, index: int) -> bool:
+        return self.selected is None or index in self.selected
+
+    def shows_tensor(self, name: str) -> bool:
+        return self.shown_tensors is None or name in self.shown_tensors
+
+    def __repr__(self) -> str:  # the default lists every tensor of the checkpoint
+        from attnviz.notebook_tables import inspect_repr
+
+        return inspect_repr(self)
+
+    def _repr_html_(self) -> str:
+        from attnviz.notebook_tables import inspect_html
+
+        return inspect_html(self)
 
 
 def analyse(checkpoint: Checkpoint, heads: Iterable[str] = (),
@@ -59,11 +83,14 @@ def analyse(checkpoint: Checkpoint, heads: Iterable[str] = (),
         layers, unrecognised = find_attention_layers(checkpoint.tensors, context=context)
     except AttnvizError as error:
         raise with_path(error, checkpoint.path) from None
+    # file order is model order (torch.save), unless the file sorts its keys as text
+    # (safetensors): then natural order, so that 'layers.2' comes before 'layers.10'
+    layers = [layers[i] for i in natural_order([layer.name for layer in layers])]
     settings = settings_from(checkpoint.config, checkpoint.root)
     reports = [
         LayerReport(layer, resolve_heads(layer, overrides=overrides, settings=settings,
-                                         peers=layers))
-        for layer in layers
+                                         peers=layers), index)
+        for index, layer in enumerate(layers)
     ]
     warnings = list(checkpoint.warnings)
     for item in checkpoint.foreign_objects:
@@ -83,6 +110,7 @@ def analyse(checkpoint: Checkpoint, heads: Iterable[str] = (),
     for pattern in {o.pattern for o in overrides if o.pattern}:
         if not any(fnmatch.fnmatchcase(r.layer.display_name, pattern) for r in reports):
             warnings.append(f"--heads pattern '{pattern}' matches no attention layer")
+    warnings += override_warnings(reports)  # a count the file states, replaced: say so
     return InspectReport(checkpoint, reports, unrecognised, warnings, context)
 
 
@@ -98,21 +126,50 @@ def inspect_checkpoint(
     return analyse(load_checkpoint(path, key=key, config=config), heads, layout)
 
 
+def select_layers(report: InspectReport, selector: str, *, param: str = "layer"
+                  ) -> InspectReport:
+    """The report with ``selected``: the layers ``selector`` picks (attnviz.selectors grammar:
+    index, range, name, glob, list), and ``shown_tensors``: the tensors of those layers plus
+    every tensor a name or glob term matches (``'*.bias'`` lists tensors where it picks no
+    layer). A term that matches no layer and no tensor raises ``UsageError`` listing the layers
+    with their indices."""
+    tensors = report.checkpoint.tensors
+    names = [item.layer.display_name for item in report.layers]
+    try:
+        parsed = parse(selector, param=param)
+        indices = resolve(parsed, names, param=param, also=tensors)
+    except AttnvizError as error:
+        raise with_path(error, report.checkpoint.path) from None
+    if parsed.keyword is not None:
+        return replace(report, selected=None, shown_tensors=None)
+    chosen = [report.layers[i] for i in indices]
+    shown = {key for item in chosen for key in item.layer.keys.values()}
+    for term in parsed.terms:
+        if term.kind == "name" and term.text in tensors:
+            shown.add(term.text)
+        elif term.kind == "glob":
+            shown.update(n for n in tensors if fnmatch.fnmatchcase(n, term.text))
+    return replace(report, selected=frozenset(indices), shown_tensors=frozenset(shown))
+
+
 def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -> dict[str, Any]:
     """The documented ``--json`` document (docs/json-schema.md), schema version 1."""
     ckpt = report.checkpoint
     tensors = [
         {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "nbytes": t.nbytes}
         for t in ckpt.tensors.values()
-        if tensor_filter is None or fnmatch.fnmatchcase(t.name, tensor_filter)
+        if (tensor_filter is None or fnmatch.fnmatchcase(t.name, tensor_filter))
+        and report.shows_tensor(t.name)
     ]
     attention = []
     for item in report.layers:
         layer, heads = item.layer, item.heads
-        if tensor_filter and not fnmatch.fnmatchcase(layer.display_name, tensor_filter):
+        if (tensor_filter and not fnmatch.fnmatchcase(layer.display_name, tensor_filter)) or \
+                not report.shows_layer(item.index):
             continue
         keys = layer.keys
         attention.append({
+            "index": item.index,
             "name": layer.name,
             "layout": layer.layout,
             "layout_decided_by": layer.decided_by,
@@ -125,6 +182,8 @@ def report_to_json(report: InspectReport, *, tensor_filter: str | None = None) -
             "kv_dim": layer.kv_rows,
             "num_heads": heads.num_heads,
             "num_heads_source": heads.source,
+            "num_heads_replaced": None if heads.replaced is None or not heads.overridden else
+            {"count": heads.replaced.count, "source": heads.replaced.source},
             "num_kv_heads": heads.num_kv_heads,
             "num_kv_heads_source": heads.kv_source,
             "head_dim": heads.head_dim,

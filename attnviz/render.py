@@ -9,6 +9,7 @@ NaN from a fully masked row) are drawn in light grey, apart from the colour scal
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -23,20 +24,49 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
+from attnviz.text_safety import terminal
+
 MASKED_RGB = (0.86, 0.86, 0.86)
 # Labels are tokens and layer names from files: plain text, never mathtext ('$...$' in a token
-# would be parsed, and can fail to render at all).
-PLAIN_TEXT: Any = {"text.parse_math": False, "text.usetex": False}
-Renderer = TypeVar("Renderer", bound=Callable[..., None])
+# would be parsed, and can fail to render at all). Fonts go into PDF/PS files as TrueType (Type
+# 42; publishers refuse Type 3) and SVG text stays text (searchable, editable). Set per figure:
+# importing attnviz leaves the caller's rcParams alone.
+PLAIN_TEXT: Any = {"text.parse_math": False, "text.usetex": False, "pdf.fonttype": 42,
+                   "ps.fonttype": 42, "svg.fonttype": "none"}
+Renderer = TypeVar("Renderer", bound=Callable[..., Any])
 
 
 def _plain_text(function: Renderer) -> Renderer:
     @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         with plt.rc_context(PLAIN_TEXT):
-            function(*args, **kwargs)
+            return function(*args, **kwargs)
 
     return cast(Renderer, wrapper)
+
+
+def wrap_title(title: str, width_inches: float, fontsize: float) -> str:
+    """Each line of ``title`` wrapped to fit ``width_inches`` (DejaVu Sans averages about 0.58
+    em a character): between its ' · ' parts where it can, else at spaces; a word longer than
+    a line is split only then."""
+    chars = max(16, int(width_inches * 72 / (fontsize * 0.58)))
+    lines: list[str] = []
+    for line in title.splitlines() or [""]:
+        current = ""
+        for part in line.split(" · "):
+            joined = f"{current} · {part}" if current else part
+            if len(joined) <= chars:
+                current = joined
+                continue
+            if current:
+                lines.append(current + " ·")
+            pieces = textwrap.wrap(part, chars, break_on_hyphens=False) or [""]
+            lines += pieces[:-1]
+            current = pieces[-1]
+        lines.append(current)
+    return "\n".join(lines)
+
+
 GAP_RGB = (1.0, 1.0, 1.0)
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 MAX_TICK_LABELS = 64
@@ -70,15 +100,41 @@ def render_matrix(matrix: Matrix, query_labels: Sequence[str], key_labels: Seque
         step = _label_step(count)
         ticks = list(range(0, count, step))
         axis.set_ticks(ticks)
-        axis.set_ticklabels([str(labels[i]) if i < len(labels) else str(i) for i in ticks],
+        axis.set_ticklabels([terminal(str(labels[i]), 40) if i < len(labels) else str(i)
+                             for i in ticks],
                             fontsize=max(5, 10 - count // 16))
     plt.setp(ax.get_xticklabels(), rotation=90)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
-    ax.set_title(title, fontsize=11)
+    ax.set_title(wrap_title(title, size, 11), fontsize=11)  # centred over the map, not the bar
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention probability")
     fig.savefig(output, format=fmt)
     plt.close(fig)
+
+
+def pool_panels(panels: Sequence[Sequence[Matrix]], max_pixels: int,
+                mode: str) -> tuple[list[list[Matrix]], str | None]:
+    """Panels pooled so that the grid fits ``max_pixels`` a side (with 2-pixel gaps)."""
+    import torch
+
+    from attnviz.pooling import pool_map
+
+    rows, cols = len(panels), len(panels[0])
+    height, width = panels[0][0].shape
+    cell_h = max(1, (max_pixels - 2 * (rows - 1)) // rows)
+    cell_w = max(1, (max_pixels - 2 * (cols - 1)) // cols)
+    if height <= cell_h and width <= cell_w:
+        return [list(r) for r in panels], None
+    out = []
+    info = None
+    for row in panels:
+        stacked = torch.from_numpy(np.asarray(list(row), dtype=np.float32))  # (C, Lq, Lk)
+        pooled, info = pool_map(stacked, min(height, cell_h), min(width, cell_w), mode)
+        out.append(list(pooled.numpy()))
+    assert info is not None
+    factor_h, factor_w = info.factor
+    return out, (f"maps pooled {factor_h:.3g}:1 x {factor_w:.3g}:1 by {mode} "
+                 f"({height}x{width} -> {info.pooled[0]}x{info.pooled[1]})")
 
 
 def compose_grid(panels: Sequence[Sequence[Matrix]], *, shared_scale: bool,
@@ -109,10 +165,19 @@ def compose_grid(panels: Sequence[Sequence[Matrix]], *, shared_scale: bool,
 def render_grid(panels: Sequence[Sequence[Matrix]], row_titles: Sequence[str],
                 col_titles: Sequence[str], output: Path, fmt: str, *, title: str,
                 shared_scale: bool = True, cmap: str = "viridis", dpi: int = 100,
-                min_pixels: int = 900, max_pixels: int = 2000) -> None:
+                min_pixels: int = 900, max_pixels: int = 2000, pool: str = "max") -> str | None:
     """A layer x head grid in one image drawn 1:1 (no resampling), labelled by row and column,
-    with one colour bar. Fixed margins instead of a layout engine: the figure is drawn once."""
+    with one colour bar. Fixed margins instead of a layout engine: the figure is drawn once.
+
+    Maps larger than their share of ``max_pixels`` are block-pooled (``pool``: max keeps a
+    single attended token visible, mean averages) to the pixels that show them, before they are
+    coloured; the title and the returned note say by how much."""
+    panels, pooled = pool_panels(panels, max_pixels, pool)
+    if pooled:
+        title = f"{title} · {pooled}"
     canvas, vmax = compose_grid(panels, shared_scale=shared_scale, cmap=cmap)
+    row_titles = [terminal(t, 80) for t in row_titles]  # names from files: one line each
+    col_titles = [terminal(t, 40) for t in col_titles]
     longest = max(canvas.shape[:2])
     grow = max(1, min_pixels // longest)  # small maps: whole-pixel upscaling keeps cells crisp
     step = max(1, -(-longest // max_pixels))  # huge grids: shrink by whole steps
@@ -122,9 +187,12 @@ def render_grid(panels: Sequence[Sequence[Matrix]], row_titles: Sequence[str],
     rows, cols = len(panels), len(panels[0])
     height, width = panels[0][0].shape
     left = 0.15 + 0.065 * max((len(t) for t in row_titles), default=0)  # inches
-    right, top, bottom = 1.6, 0.75, 0.15
+    right, bottom = 1.6, 0.15
     image_w, image_h = shown.shape[1] / dpi, shown.shape[0] / dpi
-    fig_w, fig_h = left + image_w + right, bottom + image_h + top
+    fig_w = left + image_w + right
+    title = wrap_title(title, fig_w - 0.3, 11)
+    top = 0.55 + 0.2 * (title.count("\n") + 1)  # the title's lines, then the column titles
+    fig_h = bottom + image_h + top
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
     ax = fig.add_axes((left / fig_w, bottom / fig_h, image_w / fig_w, image_h / fig_h))
     ax.imshow(shown, interpolation="nearest", aspect="auto")
@@ -145,6 +213,7 @@ def render_grid(panels: Sequence[Sequence[Matrix]], row_titles: Sequence[str],
     options = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
     fig.savefig(output, format=fmt, **options)  # type: ignore[arg-type]
     plt.close(fig)
+    return pooled
 
 
 def upsample(heat: Matrix, height: int, width: int, *, smooth: bool = False) -> Matrix:
@@ -190,22 +259,24 @@ def render_image_panels(panels: Sequence[Sequence[Matrix]], output: Path, fmt: s
             y, x = r * (height + gap), c * (width + gap)
             canvas[y:y + height, x:x + width] = panel
     inches = min(3.2, 16.0 / max(cols, 1))
-    fig, ax = plt.subplots(figsize=(cols * inches * width / max(height, width) + 1.5,
-                                    rows * inches * height / max(height, width) + 0.9),
+    fig_w = cols * inches * width / max(height, width) + 1.5
+    title = wrap_title(title, fig_w - 0.4, 10)
+    fig, ax = plt.subplots(figsize=(fig_w, rows * inches * height / max(height, width) + 0.75
+                                    + 0.17 * (title.count("\n") + 1)),
                            dpi=dpi, layout="constrained")
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
     for r in range(rows):
         for c in range(cols):
             y, x = r * (height + gap), c * (width + gap)
-            ax.text(x + 2, y + 2, panel_titles[r][c], fontsize=7, color="white", va="top",
-                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
+            ax.text(x + 2, y + 2, terminal(panel_titles[r][c], 80), fontsize=7, color="white",
+                    va="top", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
             entry = boxes[r][c] if boxes is not None else None
             if entry is not None:
                 (x0, y0, x1, y1), label = entry
                 ax.add_patch(Rectangle((x + x0, y + y0), x1 - x0, y1 - y0, fill=False,
                                        edgecolor="lime", linewidth=1.6))
-                ax.text(x + x0, y + y1, label, fontsize=7, color="black", va="bottom",
+                ax.text(x + x0, y + y1, terminal(label, 60), fontsize=7, color="black", va="bottom",
                         bbox={"facecolor": "lime", "alpha": 0.8, "pad": 1, "linewidth": 0})
             for px, py in points[r] if r < len(points) else ():  # each row its own points
                 ax.plot(x + px, y + py, marker="x", color="cyan", markersize=7, mew=2)

@@ -4,15 +4,17 @@ checkpoint's summary and per-head weight norms, written as one self-contained HT
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import AttentionMaps
 from attnviz.checkpoint import Checkpoint, load_checkpoint
-from attnviz.errors import UsageError
-from attnviz.heatmap import request_files
+from attnviz.errors import UsageError, param
+from attnviz.heads_override import override_warnings
+from attnviz.heatmap import check_selectors, request_files
 from attnviz.image_heatmap import ImageOptions
 from attnviz.inspection import InspectReport, analyse
 from attnviz.report_data import (
@@ -43,13 +45,26 @@ class ReportOptions:
 
 @dataclass
 class ReportResult:
-    output: Path
+    output: Path | None  # None: nothing written, the page is in ``page``
     layers: int  # captured attention modules drawn
     heads: int  # head maps drawn
     overlays: int
     bytes_written: int
     model: str | None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # heads overrides of stored counts
+    page: str | None = field(default=None, repr=False)
+
+    def _repr_html_(self) -> str:
+        from attnviz.notebook_tables import report_result_html
+
+        return report_result_html(self)
+
+    def show(self, **kwargs: Any) -> None:
+        """Draw the page inline in a notebook (``attnviz.notebook.show``)."""
+        from attnviz.notebook import show
+
+        show(self, **kwargs)
 
 
 def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageOptions,
@@ -64,6 +79,10 @@ def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageO
     data.model = description
     data.notes += figure.notes
     data.vision = vision_section(figure)
+    from attnviz.captions import image_parts
+
+    data.inputs = image_parts(options, (data.vision.height, data.vision.width),
+                              figure.prepared)
     meta = figure.metadata or {}
     if "grid" in meta:  # a ViT: add the rollout over every block
         grid, prefix = tuple(json.loads(meta["grid"])), int(meta["prefix_tokens"])
@@ -76,7 +95,9 @@ def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageO
     return maps, vision_labels(figure.metadata, figure.prepared)
 
 
-def build_report(checkpoint: str | Path, output: str | Path, *,
+def build_report(checkpoint: str | Path | None = None, output: str | Path | None = None, *,
+                 model: Any = None, inputs: Any = None, tokens: Sequence[Any] | None = None,
+                 target_tokens: Sequence[Any] | None = None, tokenizer: Any = None,
                  request: SequenceRequest | None = None, image: ImageOptions | None = None,
                  options: ReportOptions = ReportOptions(), factory: str | None = None,
                  strict: bool = True, heads: Iterable[str] = (),
@@ -84,19 +105,43 @@ def build_report(checkpoint: str | Path, output: str | Path, *,
                  norm_first: bool = False, activation: str = "relu",
                  attn_implementation: str = "auto", layout: str | None = None
                  ) -> ReportResult:
-    """Capture, lay out and write the report; raises ``AttnvizError`` on bad input."""
-    path, output = Path(checkpoint), Path(output)
-    if output.suffix.lower() not in REPORT_SUFFIXES:
+    """Capture, lay out and write the report; raises ``AttnvizError`` on bad input.
+
+    From a checkpoint file, or from ``model`` (a loaded ``nn.Module``) run on ``inputs`` (a
+    tensor, a tuple of arguments or a dict of keyword arguments), its rows and columns named by
+    ``tokens`` / ``target_tokens`` or ``tokenizer``. Without ``output`` nothing is written and
+    the page is in ``result.page``."""
+    output = None if output is None else Path(output)
+    if output is not None and output.suffix.lower() not in REPORT_SUFFIXES:
         raise UsageError(f"-o {output.name}: the report is HTML; use a .html file name")
     if request is not None and image is not None:
-        raise UsageError("give a sequence input or --image, not both")
+        raise UsageError(f"give a sequence input or {param('image')}, not both")
     if not 0.0 <= options.alpha <= 1.0:
-        raise UsageError(f"--alpha {options.alpha:g}: use a value in [0, 1]")
+        raise UsageError(f"{param('alpha')} {options.alpha:g}: use a value in [0, 1]",
+                         param="alpha")
+    if model is not None or checkpoint is None:
+        from attnviz.model_report import model_report_data, refuse_file_options
+
+        refuse_file_options(checkpoint, {"request": request, "image": image, "factory": factory,
+                                         "heads": tuple(heads), "config": config, "key": key,
+                                         "layout": layout})
+        if output is not None:
+            check_output_path(output, [], force=force)
+        data, _ = model_report_data(model, inputs, tokens=tokens, target_tokens=target_tokens,
+                                    tokenizer=tokenizer, title=options.title,
+                                    max_tokens=options.max_tokens, norms=options.norms)
+        return finish_report(data, output, alpha=options.alpha)
+    path = Path(checkpoint)
+    if image is not None:
+        check_selectors(image.layer, image.head)
     ckpt = load_checkpoint(path, key=key, config=config)
     reads = request_files(request) + ([image.image] if image is not None else [])
-    check_output_path(output, [path, *ckpt.inputs, *reads], force=force)
+    if output is not None:
+        check_output_path(output, [path, *ckpt.inputs, *reads], force=force)
     report = analyse(ckpt, heads, layout=layout)
-    data = ReportData(title=options.title or f"attnviz report: {path.name or path}",
+    from attnviz.captions import checkpoint_name
+
+    data = ReportData(title=options.title or f"attnviz report: {checkpoint_name(path)}",
                       summary=summary_rows(ckpt, report),
                       layers=layer_rows(report), warnings=list(report.warnings),
                       max_tokens=options.max_tokens)
@@ -116,6 +161,9 @@ def build_report(checkpoint: str | Path, output: str | Path, *,
                                                   activation=activation,
                                                   attn_implementation=attn_implementation)
         data.model, data.notes = loaded.description, [*loaded.notes, *prepared.notes]
+        from attnviz.captions import sequence_parts
+
+        data.inputs = sequence_parts(request, prepared)
         labels = prepared.labels_for
     else:
         data.notes.append("no input given: pass --text, --tokens, --input, --seq-len or --image "
@@ -128,11 +176,23 @@ def build_report(checkpoint: str | Path, output: str | Path, *,
     if options.norms:
         data.norms, skipped = head_norms(ckpt, report)
         data.notes += skipped
+    return finish_report(data, output, alpha=options.alpha,
+                         warnings=override_warnings(report.layers))
+
+
+def finish_report(data: ReportData, output: Path | None, *, alpha: float,
+                  warnings: list[str] | None = None) -> ReportResult:
+    """Lay out ``data``; write it to ``output``, or keep the page in the result (None)."""
     from attnviz.report_html import render_html
 
-    page = render_html(data, alpha=options.alpha)
-    with atomic_output(output) as temp:
-        temp.write_text(page, encoding="utf-8")
+    page = render_html(data, alpha=alpha)
     overlays = sum(len(r) for r in data.vision.rows) if data.vision else 0
-    return ReportResult(output, len(data.maps), data.head_count, overlays,
-                        output.stat().st_size, data.model, data.notes)
+    result = ReportResult(output, len(data.maps), data.head_count, overlays,
+                          len(page.encode("utf-8")), data.model, data.notes, warnings or [])
+    if output is None:
+        result.page = page
+    else:
+        with atomic_output(output) as temp:
+            temp.write_text(page, encoding="utf-8")
+        result.bytes_written = output.stat().st_size
+    return result

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnviz.captions import InputPart
 from attnviz.capture import AttentionMaps
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
 from attnviz.inspection import InspectReport
 from attnviz.split import source_keys, split_heads
 
@@ -94,6 +95,7 @@ class ReportData:
     vision: VisionSection | None = None
     norms: list[NormRow] = field(default_factory=list)
     max_tokens: int = DEFAULT_MAX_TOKENS
+    inputs: list[InputPart] = field(default_factory=list)  # shown at the top of the page
 
     @property
     def head_count(self) -> int:
@@ -145,7 +147,7 @@ def map_layers(maps: AttentionMaps, labels: PairLabels, *, max_tokens: int) -> l
     """Every captured module's maps of batch item 0; ``labels(name, rows, cols)`` names the
     tokens of a layer's query rows and key columns."""
     if max_tokens < 8:
-        raise UsageError(f"--max-tokens {max_tokens}: use 8 or more")
+        raise UsageError(f"{param('max_tokens')} {max_tokens}: use 8 or more", param="max_tokens")
     layers = []
     for name, tensor in maps.items():
         stack = tensor[0].float().numpy()  # (H, Lq, Lk)

@@ -11,6 +11,7 @@ from importlib import resources
 from typing import Any
 
 from attnviz import __version__
+from attnviz.captions import InputPart
 from attnviz.report_data import HeadMap, NormRow, ReportData
 from attnviz.text_safety import script_json
 
@@ -88,6 +89,24 @@ def _norm_tables(rows: list[NormRow]) -> str:
     return "".join(parts)
 
 
+def _inputs(parts: list[InputPart]) -> str:
+    """The input at the top of the page: each part's text and the tokens the model saw."""
+    if not parts:
+        return ""
+    rows = []
+    for part in parts:
+        tokens = ""
+        if part.tokens:
+            chips = "".join(f'<span class="chip">{html.escape(t)}</span>' for t in part.tokens)
+            count = f"{len(part.tokens)} token{'' if len(part.tokens) == 1 else 's'}"
+            opened = " open" if len(part.tokens) <= 64 else ""
+            tokens = (f'<details class="tokens-seen"{opened}><summary>{count} as the model '
+                      f"saw them</summary>{chips}</details>")
+        text = f'<div class="input-text">{html.escape(part.text)}</div>' if part.text else ""
+        rows.append(f"<dt>{html.escape(part.label)}</dt><dd>{text}{tokens}</dd>")
+    return f'<section id="input"><dl class="inputs">{"".join(rows)}</dl></section>'
+
+
 def render_html(data: ReportData, *, alpha: float = 0.55) -> str:
     esc = html.escape
     summary = _table(None, [[esc(k), esc(v)] for k, v in data.summary], "summary")
@@ -118,20 +137,28 @@ style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <header><h1>{esc(data.title)}</h1>
 <p class="sub">{esc(data.model or "checkpoint only (no forward pass)")}</p>
 <nav>{nav}</nav></header>
+{_inputs(data.inputs)}
 <pre id="errors" hidden></pre>
 <section id="summary"><h2>Summary</h2>{summary}
 {f"<ul class='notes'>{notes}</ul>" if notes else ""}
 <h3>Attention layers</h3>{layers}</section>"""]
     if data.maps:
         parts.append(f"""<section id="attention"><h2>Attention per layer and head</h2>
-<p class="help">Rows are the captured attention modules (first batch item), columns heads; each
-thumbnail is coloured by its own maximum. Click a head to enlarge it and explore its tokens.
-{esc(storage)}</p><div id="grid"></div></section>""")
+<p class="help">Rows are the captured attention modules (first batch item), columns heads. Click
+a head to enlarge it and explore its tokens. {esc(storage)}</p>
+<div class="scale-row"><label>Colour scale <select id="map-scale">
+<option value="head" selected>each head from 0 to its own maximum</option>
+<option value="shared">one scale for every head</option></select></label>
+<div class="colorbar" id="grid-bar"></div></div><div id="grid"></div></section>""")
     if data.vision is not None:
         parts.append(f"""<section id="overlays"><h2>Image overlays</h2>
-<p class="help">{esc(data.vision.title)}. One colour scale for the whole figure. Opacity
+<p class="help">{esc(data.vision.title)}. Opacity
 <input id="alpha" type="range" min="0" max="1" step="0.05" value="{alpha}"> · click a panel to
-enlarge it.</p><div id="overlay-grid"></div></section>""")
+enlarge it.</p>
+<div class="scale-row"><label>Colour scale <select id="overlay-scale">
+<option value="shared" selected>one scale for every panel</option>
+<option value="panel">each panel from 0 to its own maximum</option></select></label>
+<div class="colorbar" id="overlay-bar"></div></div><div id="overlay-grid"></div></section>""")
     if data.norms:
         parts.append('<section id="norms"><h2>Per-head weight norms</h2><p class="help">'
                      "Frobenius norm of each head's slice (rows of W<sub>q</sub>, W<sub>k</sub>, "
@@ -146,6 +173,7 @@ enlarge it.</p><div id="overlay-grid"></div></section>""")
 <div class="bar"><button id="prev" title="previous head (←)">←</button><span id="detail-title">
 </span><button id="next" title="next head (→)">→</button><button id="close" title="close (Esc)">
 ×</button></div><div class="body"><div class="left"><canvas id="big"></canvas>
+<div class="colorbar" id="detail-bar"></div>
 <p id="readout">hover the map or a token</p></div><div class="tokens"><div><h4>queries</h4>
 <div id="qtokens"></div></div><div><h4>keys</h4><div id="ktokens"></div></div></div></div>
 </div></div>

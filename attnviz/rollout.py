@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
 
 FUSIONS = ("mean", "max", "min")
 
@@ -25,13 +25,15 @@ def fuse_heads(attention: torch.Tensor, fusion: str) -> torch.Tensor:
         return attention.amax(dim=1)
     if fusion == "min":
         return attention.amin(dim=1)
-    raise UsageError(f"--head-fusion {fusion}: use one of {', '.join(FUSIONS)}")
+    raise UsageError(f"{param('head_fusion')} {fusion}: use one of {', '.join(FUSIONS)}",
+                     param="head_fusion")
 
 
 def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     """Zero the lowest ``ratio`` of each map's entries, keeping every entry of column 0."""
     if not 0.0 <= ratio < 1.0:
-        raise UsageError(f"--discard-ratio {ratio}: use a value in [0, 1)")
+        raise UsageError(f"{param('discard_ratio')} {ratio}: use a value in [0, 1)",
+                         param="discard_ratio")
     batch, tokens, _ = fused.shape
     flat = fused.reshape(batch, tokens * tokens)  # (B, T*T)
     count = min(int(flat.shape[-1] * ratio), tokens * (tokens - 1))

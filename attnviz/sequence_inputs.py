@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from attnviz.checkpoint import load_checkpoint
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
 from attnviz.models.sources import LoadedModel
 
 
@@ -80,24 +80,25 @@ def token_labels(length: int, source: list[str], target: list[str]) -> list[str]
 def read_embeddings(path: Path) -> torch.Tensor:
     """[L, E] or [B, L, E] embeddings from .npy, .safetensors or a torch file (one tensor)."""
     if not path.is_file():
-        raise UsageError(f"--input {path}: no such file")
+        raise UsageError(f"{param('input_file')} {path}: no such file", param="input_file")
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as exc:
-            raise UsageError(f"--input {path}: not a plain .npy array ({exc})") from exc
+            raise UsageError(f"{param('input_file')} {path}: not a plain .npy array ({exc})",
+                             param="input_file") from exc
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     else:
         checkpoint = load_checkpoint(path)
         if len(checkpoint.tensors) != 1:
-            raise UsageError(f"--input {path}: holds {len(checkpoint.tensors)} tensors, "
-                             "expected exactly one")
+            raise UsageError(f"{param('input_file')} {path}: holds {len(checkpoint.tensors)} "
+                             "tensors, expected exactly one", param="input_file")
         tensor = checkpoint.read_tensor(next(iter(checkpoint.tensors)))
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)  # (1, L, E)
     if tensor.dim() != 3 or not tensor.is_floating_point():
-        raise UsageError(f"--input {path}: expected float [L, E] or [B, L, E], got "
-                         f"{tensor.dtype} {list(tensor.shape)}")
+        raise UsageError(f"{param('input_file')} {path}: expected float [L, E] or [B, L, E], got "
+                         f"{tensor.dtype} {list(tensor.shape)}", param="input_file")
     return tensor.float()
 
 
@@ -107,9 +108,11 @@ def _embeddings(path: Path | None, length: int | None, d_model: int | None, seed
         x = read_embeddings(path)
     else:
         if length is None or d_model is None:
-            raise UsageError(f"give the {what} with --input FILE or --seq-len N"
+            raise UsageError(f"give the {what} with {param('input_file')} FILE or "
+                             f"{param('seq_len')} N"
                              if what == "source" else
-                             "give the decoder input with --tgt-input FILE or --tgt-seq-len N")
+                             f"give the decoder input with {param('tgt_input')} FILE or "
+                             f"{param('tgt_seq_len')} N")
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(1, length, d_model, generator=generator)  # (1, L, E)
     if d_model is not None and x.shape[-1] != d_model:
@@ -122,7 +125,8 @@ def _padding_mask(x: torch.Tensor, pad: int) -> torch.Tensor | None:
     if not pad:
         return None
     if pad >= x.shape[1]:
-        raise UsageError(f"--pad {pad} would mask every one of {x.shape[1]} positions")
+        raise UsageError(f"{param('pad')} {pad} would mask every one of {x.shape[1]} positions",
+                         param="pad")
     mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
     mask[:, -pad:] = True  # nn.MultiheadAttention: True = masked out
     return mask
@@ -132,22 +136,27 @@ def prepare(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
     """Turn the user's flags into one forward call of ``loaded.model``."""
     if loaded.kind == "hf":
         return _prepare_hf(loaded, request)
-    hf_only = [flag for flag, value in (("--tgt-tokens", request.tgt_tokens),
-                                        ("--tgt-text", request.tgt_text),
-                                        ("--audio", request.audio), ("--image", request.image))
+    hf_only = [param(name) for name, value in (("tgt_tokens", request.tgt_tokens),
+                                               ("tgt_text", request.tgt_text),
+                                               ("audio", request.audio), ("image", request.image))
                if value is not None]
     if hf_only:
         raise UsageError(f"{', '.join(hf_only)} need an HF model directory",
-                         hint="rebuilt nn.Transformer models take --input/--seq-len and "
-                              "--tgt-input/--tgt-seq-len")
+                         hint="rebuilt nn.Transformer models take "
+                              f"{param('input_file')}/{param('seq_len')} and "
+                              f"{param('tgt_input')}/{param('tgt_seq_len')}")
     if request.text is not None:
-        raise UsageError("--text needs a tokenizer, which only an HF model directory provides",
-                         hint="use --tokens, --input or --seq-len")
+        raise UsageError(f"{param('text')} needs a tokenizer, which only an HF model directory "
+                         "provides",
+                         hint=f"use {param('tokens')}, {param('input_file')} or "
+                              f"{param('seq_len')}", param="text")
     if loaded.kind == "factory":
         return _prepare_factory(loaded, request)
     if request.tokens is not None:
-        raise UsageError("--tokens needs a model with an embedding layer; nn.Transformer "
-                         "checkpoints take embeddings", hint="use --input FILE or --seq-len N")
+        raise UsageError(f"{param('tokens')} needs a model with an embedding layer; nn.Transformer "
+                         "checkpoints take embeddings",
+                         hint=f"use {param('input_file')} FILE or {param('seq_len')} N",
+                         param="tokens")
     model = loaded.model
     src = _embeddings(request.input_file, request.seq_len, loaded.d_model, request.seed,
                       "source")
@@ -177,10 +186,11 @@ def _token_ids(request: SequenceRequest) -> torch.Tensor:
     try:
         ids = [int(t) for t in str(request.tokens).split(",") if t.strip()]
     except ValueError as exc:
-        raise UsageError(f"--tokens '{request.tokens}' is not a comma-separated list of ids") \
+        raise UsageError(f"{param('tokens')} '{request.tokens}' is not a comma-separated list of "
+                         "ids", param="tokens") \
             from exc
     if not ids:
-        raise UsageError("--tokens is empty")
+        raise UsageError(f"{param('tokens')} is empty", param="tokens")
     return torch.tensor([ids])
 
 

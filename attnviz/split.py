@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from attnviz.errors import CheckpointError, HeadsError, UsageError
+from attnviz.errors import CheckpointError, HeadsError, UsageError, param
 from attnviz.heads import HeadsInfo
 from attnviz.layouts.spec import AttentionLayer, Packing
 
@@ -113,6 +113,16 @@ class HeadWeights:
         parts = [self.q, self.k, self.v, self.q_bias, self.k_bias, self.v_bias, self.o,
                  self.o_bias]
         return sum(int(np.prod(p.shape)) for p in parts if p is not None)
+
+    def __repr__(self) -> str:  # the default prints every weight
+        from attnviz.notebook_tables import head_weights_repr
+
+        return head_weights_repr(self)
+
+    def _repr_html_(self) -> str:
+        from attnviz.notebook_tables import head_weights_html
+
+        return head_weights_html(self)
 
     def map(self, convert: Any) -> HeadWeights:
         """The same weights with ``convert`` applied to every array (numpy <-> torch)."""
@@ -208,7 +218,8 @@ def pack_rows(q: Array, k: Array, v: Array, packing: Packing, heads: int, kv_hea
 def _geometry(layer: AttentionLayer, heads: HeadsInfo) -> tuple[int, int, int]:
     if heads.num_heads is None or heads.num_kv_heads is None or heads.head_dim is None:
         raise HeadsError(f"layer '{layer.display_name}': number of heads unknown",
-                         hint="pass --heads N (or --heads 'pattern=N') or --config")
+                         hint=f"pass {param('heads')} N (or {param('heads')} 'pattern=N') or "
+                              f"{param('config')}")
     return heads.num_heads, heads.num_kv_heads, heads.head_dim
 
 

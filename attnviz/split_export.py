@@ -6,7 +6,6 @@ is about one layer. The output's metadata traces every tensor back to its source
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import secrets
 from collections.abc import Callable, Iterable
@@ -25,12 +24,15 @@ from attnviz.errors import (
     HeadsError,
     NoAttentionError,
     UsageError,
-    did_you_mean,
+    param,
+    render_params,
     with_path,
 )
 from attnviz.heads import HeadsInfo
+from attnviz.heads_override import override_warnings
 from attnviz.inspection import LayerReport, inspect_checkpoint
 from attnviz.layouts.spec import AttentionLayer
+from attnviz.selectors import select
 from attnviz.source_hash import BackgroundHash
 from attnviz.split import (
     DEFAULT_TOLERANCE,
@@ -81,6 +83,12 @@ class SplitResult:
     sidecar: Path | None = None
     upcast: list[str] = field(default_factory=list)
     hf_reference: str | None = None  # what --verify compared with beyond the layout's own math
+    warnings: list[str] = field(default_factory=list)  # heads overrides of stored counts
+
+    def _repr_html_(self) -> str:
+        from attnviz.notebook_tables import split_html
+
+        return split_html(self)
 
 
 def head_tensors(hw: HeadWeights, *, stacked: bool = False,
@@ -129,22 +137,24 @@ def layer_record(item: LayerReport, *, stacked: bool, out_proj: bool) -> dict[st
     }
 
 
-def _select(items: list[LayerReport], pattern: str | None, path: Path) -> list[LayerReport]:
-    chosen = [i for i in items if pattern is None or fnmatch.fnmatchcase(i.layer.display_name,
-                                                                         pattern)]
+def _select(items: list[LayerReport], selector: str | None, path: Path) -> list[LayerReport]:
+    """The layers ``selector`` picks (attnviz.selectors grammar), in checkpoint order."""
     if not items:
         raise NoAttentionError("no attention layers recognised, nothing to split", path=path,
                                hint="run 'attnviz inspect' to see what the file holds")
-    if not chosen:
+    chosen = items
+    if selector is not None:
         names = [i.layer.display_name for i in items]
-        raise UsageError(f"--layers '{pattern}' matches no attention layer",
-                         hint=did_you_mean(str(pattern), names,
-                                           f"layers are named like: {', '.join(names[:6])}"))
+        try:
+            indices = select(selector, names, param="layers")
+        except AttnvizError as error:
+            raise with_path(error, path) from None
+        chosen = [items[i] for i in sorted(indices or ())]
     unknown = [i.layer.display_name for i in chosen if i.heads.num_heads is None]
     if unknown:
         raise HeadsError(f"number of heads unknown for {len(unknown)} layer(s), e.g. "
                          f"'{unknown[0]}'", path=path,
-                         hint="pass --heads N (or --heads 'pattern=N')")
+                         hint=f"pass {param('heads')} N (or {param('heads')} 'pattern=N')")
     return chosen
 
 
@@ -217,11 +227,12 @@ def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: It
         "layers": json.dumps([layer_record(i, stacked=stacked, out_proj=out_proj)
                               for i in selected]),
     }
-    result = SplitResult(output=output, format=fmt)
+    result = SplitResult(output=output, format=fmt, warnings=override_warnings(selected))
     failures: list[Any] = []
     hf_checks: dict[str, Any] = {}
     if verify:
-        result.hf_reference, hf_checks = _verify_with_transformers(checkpoint, ckpt, selected)
+        result.hf_reference, hf_checks = _verify_with_transformers(checkpoint, ckpt, selected,
+                                                                   report.layers)
     with atomic_output(output) as temp:
         writer = open_writer(fmt, temp, plan, metadata)
         try:
@@ -261,11 +272,11 @@ def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: It
             reference = getattr(worst, "reference", None) or f"transformers {worst.module}"
             why = f" ({worst.problem})" if getattr(worst, "problem", None) else ""
             raise VerificationError(
-                f"--verify: {len(failures)} layer(s) differ from {reference}, worst "
+                f"{param('verify', True)}: {len(failures)} layer(s) differ from {reference}, worst "
                 f"'{worst.layer}' max abs error {worst.max_abs_error:.3g}{why}; no output "
                 "written", path=checkpoint,
-                hint="if the layout is wrong, pass --layout NAME; otherwise please report "
-                     "this with the --debug output")
+                hint=f"if the layout is wrong, pass {param('layout')} NAME; otherwise please "
+                     f"report this with the {param('debug')} output", param="verify")
         if sidecar is not None:
             with atomic_output(sidecar) as side_temp:
                 side_temp.write_text(json.dumps(metadata, indent=2) + "\n")
@@ -273,9 +284,10 @@ def _split(checkpoint: Path, output: Path, hashing: BackgroundHash, *, heads: It
     return result
 
 
-def _verify_with_transformers(path: Path, ckpt: Any,
-                              selected: list[LayerReport]) -> tuple[str | None, dict[str, Any]]:
-    """For an HF model directory: every selected layer against the HF module's own q/k/v."""
+def _verify_with_transformers(path: Path, ckpt: Any, selected: list[LayerReport],
+                              every: list[LayerReport]) -> tuple[str | None, dict[str, Any]]:
+    """For an HF model directory: every selected layer against the HF module's own q/k/v
+    (the model built with the heads overrides of ``every`` layer)."""
     from attnviz.models.sources import is_hf_directory
 
     if not is_hf_directory(path):
@@ -293,9 +305,9 @@ def _verify_with_transformers(path: Path, ckpt: Any,
     from attnviz.models.torch_transformer import ModelBuildError
 
     try:
-        reference, checks = verify_directory(path, splits)
+        reference, checks = verify_directory(path, splits, heads_from=every)
     except ModelBuildError as error:  # e.g. a model_type this transformers does not know
-        return f"not transformers ({error.message})", {}
+        return f"not transformers ({render_params(error.message)})", {}
     return reference, {check.layer: check for check in checks}
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from attnviz.arrays import dtype_of, to_torch
 from attnviz.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES
-from attnviz.errors import AttnvizError, OutputError, UsageError
+from attnviz.errors import AttnvizError, OutputError, UsageError, param
 
 FORMATS = ("safetensors", "pt", "npz")
 SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
@@ -48,10 +48,12 @@ def format_for(path: Path, requested: str | None) -> str:
                  ".npz": "npz"}.get(path.suffix.lower())
     if requested is not None:
         if requested not in FORMATS:
-            raise UsageError(f"--format {requested}: choose one of {', '.join(FORMATS)}")
+            raise UsageError(f"{param('fmt')} {requested}: choose one of {', '.join(FORMATS)}",
+                             param="fmt")
         if by_suffix is not None and by_suffix != requested:
-            raise UsageError(f"--format {requested} contradicts the output name {path.name}",
-                             hint=f"use a .{requested} file name or drop --format")
+            raise UsageError(f"{param('fmt')} {requested} contradicts the output name {path.name}",
+                             hint=f"use a .{requested} file name or drop {param('fmt')}",
+                             param="fmt")
         return requested
     return by_suffix or "safetensors"
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from attnviz.heads_override import LayerHeads
 from attnviz.hf_record import Captured, Projections, record
 from attnviz.layouts import AttentionLayer, find_attention_layers
 from attnviz.split import HeadWeights
@@ -294,13 +295,16 @@ def verify_model(model: nn.Module, splits: Mapping[str, HeadWeights],
     return checks
 
 
-def verify_directory(path: Path, splits: Mapping[str, HeadWeights]) -> tuple[str, list[HfCheck]]:
+def verify_directory(path: Path, splits: Mapping[str, HeadWeights], *,
+                     heads_from: Iterable[LayerHeads] = ()) -> tuple[str, list[HfCheck]]:
     """Load an HF model directory (safely, eager attention) and check ``splits`` against it.
 
+    ``heads_from``: resolved layers whose heads overrides the model is built with.
     Returns (a description of the reference, the checks)."""
     from attnviz.models.sources import load_hf_model
 
-    loaded = load_hf_model(path, attn_implementation="eager")  # score products are matmuls
+    loaded = load_hf_model(path, attn_implementation="eager",  # score products are matmuls
+                           heads_from=heads_from)
     model = loaded.model
     converted = {name: hw.map(lambda a: a if isinstance(a, torch.Tensor)
                               else torch.from_numpy(a.copy()))

@@ -56,8 +56,8 @@ class Shot:
 
 
 def _minilm_head(name: str, layer: int, head: int, what: str) -> Shot:
-    return Shot(name, (MINILM, "--text", SENTENCE, "--layer", str(layer), "--head", str(head),
-                       "--title", f"all-MiniLM-L6-v2 layer {layer} head {head}: {what}"))
+    return Shot(name, (MINILM, "--text", SENTENCE, "--layer", str(layer), "--show-heads",
+                       str(head), "--title", f"all-MiniLM-L6-v2 layer {layer} head {head}: {what}"))
 
 
 SHOTS: tuple[Shot, ...] = (
@@ -77,7 +77,7 @@ SHOTS: tuple[Shot, ...] = (
     Shot("detr_objects.png", (DETR, "--image", DEMO, "--size", "128", "--top-k", "2",
                               "--threshold", "0.3"), ramp="inferno"),
     Shot("detr_encoder_point.png", (DETR, "--image", DEMO, "--size", "128", "--point", "64,64",
-                                    "--head", "all"), ramp="inferno"),
+                                    "--show-heads", "all"), ramp="inferno"),
     Shot("transformer_grid.png", (SAMPLES + "transformer_d64_h4.pth", "--heads", "4",
                                   "--seq-len", "12", "--causal",
                                   "--title", "nn.Transformer sample (random weights), causal")),

@@ -204,7 +204,8 @@ def test_stats_report_nan_and_inf_without_crashing(tmp_path: Path) -> None:
 def test_a_filter_that_matches_nothing_says_what_was_meant() -> None:
     done = runner.invoke(app, ["inspect", str(SAMPLES / "detr_tiny.pth"), "--json",
                                "--filter", "transformer.encoder.layer.*"])
-    assert done.exit_code == 0
-    warnings = json.loads(done.stdout)["warnings"]
-    assert any("matches no layer or tensor (did you mean "
-               "'transformer.encoder.layers.1.self_attn'" in w for w in warnings), warnings
+    assert done.exit_code == 2  # a selector that matches nothing is a usage error
+    assert done.stdout == ""
+    assert "matches no layer or tensor (did you mean " \
+           "'transformer.encoder.layers.1.self_attn'" in done.stderr, done.stderr
+    assert "0 transformer.encoder.layers.0.self_attn" in done.stderr

@@ -229,8 +229,9 @@ def test_hf_directory_with_text_and_padding(tmp_path: Path) -> None:
     (["--text", "hi"], "--text needs a tokenizer"),
     (["--tokens", "1,2"], "--tokens needs a model with an embedding layer"),
     (["--seq-len", "4", "--tokens", "1"], "both give the input"),
-    (["--seq-len", "4", "--layer", "9"], r"--layer '9' is out of range: there are 6 layers"),
-    (["--seq-len", "4", "--head", "x"], "use an index, a range"),
+    (["--seq-len", "4", "--layer", "9"], r"--layer: layer 9 is out of range: there are 6 "
+                                         r"layers"),
+    (["--seq-len", "4", "--head", "x"], r"'x' is not an index or a range like 0-3"),
     (["--seq-len", "4", "--view", "matrix"], "--view matrix shows one map"),
     (["--seq-len", "4", "--no-strict"], "--no-strict only applies with --model"),
     (["--seq-len", "4", "--activation", "tanh"], "use relu or gelu"),
@@ -265,11 +266,13 @@ def test_options_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
     sample = str(Path(__file__).resolve().parent.parent / "sample_checkpoints" /
                  "transformer_d64_h4.pth")
     out = str(tmp_path / "x.png")
+    image = tmp_path / "in.png"
+    image.write_bytes(b"")  # exists: the flags are refused before the image is read
     cases = [
         (["--seq-len", "4", "--top-k", "2", "--alpha", "0.3"],
          "--top-k, --alpha do not apply without --image"),
-        (["--image", "x.png", "--causal"], "--causal does not apply to --image"),
-        (["--image", "x.png", "--model", "m:f"], "--model does not apply to --image"),
+        (["--image", str(image), "--causal"], "--causal does not apply to --image"),
+        (["--image", str(image), "--model", "m:f"], "--model does not apply to --image"),
         (["--tokens", "1,2", "--model", "m:f", "--pad", "1"],
          "--pad does not apply to a --model factory"),
     ]

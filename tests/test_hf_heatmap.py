@@ -254,7 +254,7 @@ def test_bart_default_command_mixed_heads_and_save_maps(tmp_path: Path) -> None:
     assert tensors["encoder.layers.1.self_attn"].shape == (1, 4, 3, 3)
     code, stdout, err = cli("heatmap", str(directory), "-o", str(out), "--text", "the cat",
                             "--layer", "decoder.layers.0.encoder_attn", "--force")
-    assert code == 2 and "--layer" in err  # selectors are indices, one line
+    assert code == 0 and "grid: 1 layer row(s) x 8 head column(s)" in stdout, err  # by name
     code, stdout, err = cli("heatmap", str(directory), "-o", str(out), "--text", "the cat",
                             "--layer", "3", "--head", "7", "--force")
     assert code == 0 and "matrix" in stdout, err

@@ -143,7 +143,7 @@ def test_ambiguous_keys_without_a_config_ask_for_layout(
         bare: SaveBare, model_type: str, config: dict[str, Any],
         candidates: tuple[str, str]) -> None:
     path = bare(model_type, config)
-    with pytest.raises(AmbiguousLayoutError, match="pass --layout") as caught:
+    with pytest.raises(AmbiguousLayoutError, match="pass layout with") as caught:
         inspect_checkpoint(path)
     assert all(name in str(caught.value) for name in candidates)
     assert str(path) in str(caught.value)

@@ -22,6 +22,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from attnviz.cli import app
+from attnviz.image_heatmap import ImageOptions
 from attnviz.report import ReportOptions, build_report
 from attnviz.report_data import (
     MapLayer,
@@ -287,20 +288,192 @@ def test_hostile_labels_stay_text_in_chromium(tmp_path: Path) -> None:
     assert attributes["heads"] == "2" and attributes["overlays"] == "2"
 
 
+# ---- colour scales, colour bars and row labels, driven in Chromium -----------------------------
+
+def render_probed(page: Path, tmp_path: Path, probe: str, config: dict[str, Any]
+                  ) -> tuple[dict[str, str], str, str]:
+    """Load a copy of ``page`` with ``probe`` (a script run once the page is ready, with
+    ``config`` as ``CONFIG``) added before ``</body>``; it writes what it saw to body data-*."""
+    wrapped = ("<script>(function () { const CONFIG = " + json.dumps(config) + ";\n"
+               "const timer = setInterval(function () {\n"
+               "  if (document.body.dataset.ready !== '1') return;\n"
+               "  clearInterval(timer);\n" + probe + "\n}, 20); })();</script></body>")
+    probed = page.with_name("probed-" + page.name)
+    probed.write_text(page.read_text().replace("</body>", wrapped))
+    return render(probed, tmp_path)
+
+
+PIXEL_JS = """function pixel(canvas, x, y) {
+  const d = canvas.getContext("2d").getImageData(x, y, 1, 1).data;
+  return [d[0], d[1], d[2]].join(",");
+}
+function choose(id, value) {
+  const select = document.getElementById(id);
+  select.value = value;
+  select.dispatchEvent(new Event("change"));
+}
+const set = (key, value) => { document.body.dataset[key] = String(value); };
+"""
+
+
+def grey(entry: dict[str, Any]) -> np.ndarray:
+    """A stored head's grey levels (0..255), as the page reads them."""
+    image = Image.open(io.BytesIO(base64.b64decode(entry["png"])))
+    return np.asarray(image.convert("LA"))[..., 0].astype(np.int64)
+
+
+def js_round(x: float) -> int:
+    return int(np.floor(x + 0.5))  # Math.round
+
+
+def test_map_scale_toggle_and_colour_bars_in_chromium(tmp_path: Path) -> None:
+    out = tmp_path / "seq.html"
+    build_report(SAMPLES / "transformer_d64_h4.pth", out,
+                 request=SequenceRequest(seq_len=9, causal=True), heads=("4",))
+    document = payload(out.read_text())
+    heads = [(i, h, entry["max"]) for i, layer in enumerate(document["maps"])
+             for h, entry in enumerate(layer["heads"])]
+    shared = max(m for _, _, m in heads)
+    layer, head, own = min(heads, key=lambda item: item[2])
+    assert own < 0.8 * shared  # a head the shared scale draws darker
+    levels = grey(document["maps"][layer]["heads"][head])
+    row, col = np.unravel_index(int(np.argmax(levels)), levels.shape)
+    probe = PIXEL_JS + """
+const thumb = document.querySelector('canvas.thumb[data-layer="' + CONFIG.l + '"][data-head="'
+  + CONFIG.h + '"]');
+set("headPixel", pixel(thumb, CONFIG.x, CONFIG.y));
+set("headScale", document.body.dataset.mapScale);
+set("gridHeadHigh", document.getElementById("grid-bar").dataset.high);
+choose("map-scale", "shared");
+set("sharedPixel", pixel(thumb, CONFIG.x, CONFIG.y));
+set("gridSharedHigh", document.getElementById("grid-bar").dataset.high);
+thumb.click();
+const bar = document.getElementById("detail-bar");
+set("detailSharedHigh", bar.dataset.high);
+set("detailSharedCaption", bar.querySelector(".caption").textContent);
+set("bigSharedPixel", pixel(document.getElementById("big"), CONFIG.x, CONFIG.y));
+choose("map-scale", "head");
+set("detailHeadHigh", bar.dataset.high);
+set("detailHeadCaption", bar.querySelector(".caption").textContent);
+set("bigHeadPixel", pixel(document.getElementById("big"), CONFIG.x, CONFIG.y));
+set("probe", "done");
+"""
+    attributes, _, log = render_probed(out, tmp_path, probe,
+                                       {"l": layer, "h": head, "x": int(col), "y": int(row)})
+    assert_clean(attributes, log)
+    assert attributes["probe"] == "done", attributes
+    lut = document["lut"]["map"]
+    top = int(levels[row, col])
+    by_head = ",".join(str(v) for v in lut[top])
+    by_shared = ",".join(str(v) for v in lut[min(255, js_round(top * own / shared))])
+    assert by_head != by_shared
+    assert attributes["head-scale"] == "head"
+    assert (attributes["head-pixel"], attributes["big-head-pixel"]) == (by_head, by_head)
+    assert (attributes["shared-pixel"], attributes["big-shared-pixel"]) == (by_shared, by_shared)
+    assert float(attributes["grid-shared-high"]) == pytest.approx(shared, rel=5e-3)
+    assert float(attributes["detail-shared-high"]) == pytest.approx(shared, rel=5e-3)
+    assert float(attributes["detail-head-high"]) == pytest.approx(own, rel=5e-3)
+    assert attributes["grid-head-high"] == "max"
+    assert "one scale for every head" in attributes["detail-shared-caption"]
+    assert "this head" in attributes["detail-head-caption"]
+
+
+def test_overlay_scale_toggle_and_colour_bar_in_chromium(tmp_path: Path) -> None:
+    out = tmp_path / "vit.html"
+    build_report(SAMPLES / "vit_shapes.pth", out, image=ImageOptions(SAMPLES / "shapes_demo.png"),
+                 options=ReportOptions(alpha=1.0))  # the heat alone: its colours read back
+    document = payload(out.read_text())
+    vision = document["vision"]
+    cells = [cell for row in vision["rows"] for cell in row]
+    tops = [grey(c["heat"]).max() / 255 * c["heat"]["max"] for c in cells if c["heat"]]
+    shared = max(tops)
+    first = cells[0]
+    levels = grey(first["heat"])
+    own = levels.max() / 255 * first["heat"]["max"]
+    assert own < 0.8 * shared
+    row, col = np.unravel_index(int(np.argmax(levels)), levels.shape)
+    cell_h, cell_w = vision["h"] // levels.shape[0], vision["w"] // levels.shape[1]
+    probe = PIXEL_JS + """
+const canvas = document.querySelector("canvas.overlay");
+const bar = document.getElementById("overlay-bar");
+set("sharedPixel", pixel(canvas, CONFIG.x, CONFIG.y));
+set("sharedHigh", bar.dataset.high);
+choose("overlay-scale", "panel");
+set("panelPixel", pixel(canvas, CONFIG.x, CONFIG.y));
+set("panelHigh", bar.dataset.high);
+set("panelCaption", bar.querySelector(".caption").textContent);
+set("probe", "done");
+"""
+    config = {"x": int(col) * cell_w + cell_w // 2, "y": int(row) * cell_h + cell_h // 2}
+    attributes, _, log = render_probed(out, tmp_path, probe, config)
+    assert_clean(attributes, log)
+    assert attributes["probe"] == "done", attributes
+    lut = document["lut"]["overlay"]
+    stored, top = first["heat"]["max"], int(levels[row, col])
+    assert attributes["shared-pixel"] == ",".join(
+        str(v) for v in lut[min(255, js_round(top * stored / shared))])
+    assert attributes["panel-pixel"] == ",".join(str(v) for v in lut[255])
+    assert float(attributes["shared-high"]) == pytest.approx(shared, rel=5e-3)
+    assert attributes["panel-high"] == "max"
+    assert "each panel" in attributes["panel-caption"]
+    assert attributes["overlay-scale"] == "panel"
+
+
+def test_row_labels_wrap_between_words_in_chromium(tmp_path: Path) -> None:
+    """Layer names break after a dot, never inside a word; one with no break point shrinks."""
+    stored = encode_map(np.full((3, 3), 1 / 3))
+    names = ["transformer.decoder.layers.0.multihead_attn",
+             "transformer.decoder.layers.1.multihead_attn.encoder_decoder_attention",
+             "decoder_layers_0_multihead_attention_projection", "blocks.0.attn"]
+    data = ReportData(title="labels", summary=[("file", "x")], layers=[], warnings=[])
+    data.maps = [MapLayer(name, 3, 3, 1, [stored], ["a", "b", "c"], ["a", "b", "c"])
+                 for name in names]
+    page = tmp_path / "labels.html"
+    page.write_text(render_html(data))
+    probe = """
+let split = 0, overflow = 0, wrapped = 0;
+document.querySelectorAll(".grid-row .name").forEach((node) => {
+  const range = document.createRange();
+  range.selectNodeContents(node);
+  const lines = new Set(Array.from(range.getClientRects(), (r) => Math.round(r.top)));
+  if (lines.size > 1) wrapped += 1;
+  node.childNodes.forEach((child) => {
+    if (child.nodeType !== Node.TEXT_NODE) return;
+    const part = document.createRange();
+    part.selectNodeContents(child);
+    const tops = new Set(Array.from(part.getClientRects(), (r) => Math.round(r.top)));
+    if (tops.size > 1) split += 1;
+  });
+  if (node.scrollWidth > node.clientWidth + 1) overflow += 1;
+});
+document.body.dataset.split = String(split);
+document.body.dataset.overflow = String(overflow);
+document.body.dataset.wrapped = String(wrapped);
+document.body.dataset.names = Array.from(document.querySelectorAll(".grid-row .name"),
+  (n) => n.textContent).join("|");
+"""
+    attributes, _, log = render_probed(page, tmp_path, probe, {})
+    assert_clean(attributes, log)
+    assert attributes["names"] == "|".join(names)  # the whole name, nothing dropped
+    assert attributes["wrapped"] != "0"  # the long names do take two lines
+    assert (attributes["split"], attributes["overflow"]) == ("0", "0"), attributes
+
+
 # ---- the command line ------------------------------------------------------------------------
 
 def test_report_rejects_bad_flags_up_front(tmp_path: Path) -> None:
     sample = str(SAMPLES / "vit_shapes.pth")
+    image = str(SAMPLES / "shapes_demo.png")
     cases = [
         (["-o", str(tmp_path / "r.png"), "--seq-len", "4"], "use a .html file name"),
-        (["-o", str(tmp_path / "r.html"), "--text", "a", "--image", "x.png"],
+        (["-o", str(tmp_path / "r.html"), "--text", "a", "--image", image],
          "--text and --image both give the input"),
         (["-o", str(tmp_path / "r.html"), "--seq-len", "4", "--layer", "0"],
          "--layer does not apply without --image"),
-        (["-o", str(tmp_path / "r.html"), "--image", "x.png", "--causal", "--pad", "2"],
+        (["-o", str(tmp_path / "r.html"), "--image", image, "--causal", "--pad", "2"],
          "--causal, --pad do not apply to --image"),
-        (["-o", str(tmp_path / "r.html"), "--image", "x.png", "--alpha", "2"],
-         r"--alpha in \[0, 1\]"),
+        (["-o", str(tmp_path / "r.html"), "--image", image, "--alpha", "2"],
+         r"--alpha.*in \[0, 1\]"),
     ]
     for flags, message in cases:
         done = runner.invoke(app, ["report", sample, *flags])

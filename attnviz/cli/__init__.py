@@ -19,8 +19,24 @@ from typer.core import TyperGroup
 
 from attnviz import __version__
 from attnviz.cli import tables
-from attnviz.cli.options import CheckpointArg, ConfigOpt, ForceOpt, HeadsOpt, KeyOpt, LayoutOpt
-from attnviz.cli.state import NORMAL, QUIET, VERBOSE, CliState, state
+from attnviz.cli.command import (
+    AttnvizCommand,
+    add_root_options,
+    closed_pipe,
+    plain_metavars,
+    quiet_on_closed_pipe,
+)
+from attnviz.cli.options import (
+    OUTPUT,
+    VIEW,
+    CheckpointArg,
+    ConfigOpt,
+    ForceOpt,
+    HeadsOpt,
+    KeyOpt,
+    LayoutOpt,
+)
+from attnviz.cli.state import QUIET, CliState, state
 from attnviz.errors import EXIT_FAILURE, AttnvizError, UsageError
 from attnviz.formatting import size
 from attnviz.text_safety import rich_markup, terminal
@@ -32,19 +48,53 @@ def _debug_enabled(ctx: Any = None) -> bool:
     return os.environ.get("ATTNVIZ_DEBUG", "") not in {"", "0"} or "--debug" in sys.argv
 
 
+# library parameters whose flag is not simply ``--`` + the name with dashes
+_FLAG_FOR_PARAM = {"head": "--show-heads", "input_file": "--input", "layers": "--layer",
+                   "factory": "--model", "points": "--point", "queries": "--query",
+                   "fmt": "--format", "output": "-o"}
+
+
+def flag_for(param: str) -> str:
+    """The command-line flag that sets the library parameter ``param`` (``strict=False``:
+    ``--no-strict``; ``force=True``: ``--force``)."""
+    name, _, value = param.partition("=")
+    flag = _FLAG_FOR_PARAM.get(name, "--" + name.replace("_", "-"))
+    return flag.replace("--", "--no-", 1) if value == "False" else flag
+
+
 class AttnvizGroup(TyperGroup):
     """Typer group whose ``invoke`` turns every failure into one line and an exit code."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        add_root_options(self)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return plain_metavars(super().get_params(ctx))  # with typer's completion options
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with quiet_on_closed_pipe():  # `attnviz --help | head -1`
+            return super().make_context(*args, **kwargs)
+
     def invoke(self, ctx: Any) -> Any:
+        # typer would end a closed pipe with status 1 and one of the messages below with a
+        # second BrokenPipeError: stop quietly first
+        with quiet_on_closed_pipe():
+            return self._invoke_reporting_errors(ctx)
+
+    def _invoke_reporting_errors(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except AttnvizError as error:
             if _debug_enabled(ctx):
                 raise
-            typer.echo(f"attnviz: error: {terminal(str(error), 2000)}", err=True)
+            line = error.describe(name_for=flag_for)  # library parameters shown as flags
+            typer.echo(f"attnviz: error: {terminal(line, 2000)}", err=True)
             raise typer.Exit(error.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            closed_pipe()
         except Exception as error:
             if _debug_enabled(ctx):
                 raise
@@ -59,12 +109,16 @@ class AttnvizGroup(TyperGroup):
              complete_var: str | None = None, standalone_mode: bool = True,
              windows_expand_args: bool = True, **extra: Any) -> Any:
         """Usage errors (unknown option, missing argument) as one line, like every error."""
-        from typer._click import exceptions as click_errors  # typer's vendored click
-
         forward = {"args": args, "prog_name": prog_name, "complete_var": complete_var,
                    "windows_expand_args": windows_expand_args, **extra}
         if not standalone_mode:
             return super().main(standalone_mode=False, **forward)
+        with quiet_on_closed_pipe():
+            self._main_reporting_errors(forward)
+
+    def _main_reporting_errors(self, forward: dict[str, Any]) -> None:
+        from typer._click import exceptions as click_errors  # typer's vendored click
+
         try:
             result = super().main(standalone_mode=False, **forward)
         except click_errors.NoArgsIsHelpError as error:
@@ -81,6 +135,7 @@ class AttnvizGroup(TyperGroup):
         except typer.Abort:
             typer.echo("attnviz: aborted", err=True)
             sys.exit(1)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -111,12 +166,11 @@ def root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """attnviz: attention layers, per-head weights and attention maps from checkpoints."""
-    if quiet and verbose:
-        raise UsageError("--quiet and --verbose contradict each other; pass one")
-    ctx.obj = CliState(debug=debug, verbosity=QUIET if quiet else VERBOSE if verbose else NORMAL)
+    ctx.obj = CliState()
+    ctx.obj.apply(debug=debug, quiet=quiet, verbose=verbose)  # each command takes them too
 
 
-@app.command()
+@app.command(cls=AttnvizCommand)
 def inspect(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
@@ -125,14 +179,18 @@ def inspect(
     key: KeyOpt = None,
     layout: LayoutOpt = None,
     show_all: Annotated[bool, typer.Option(
-        "--all", help="Also show every tensor as a tree.")] = False,
+        "--all", rich_help_panel=OUTPUT, help="Also show every tensor as a tree.")] = False,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", metavar="LAYERS", rich_help_panel=VIEW, help="Only these layers and their "
+        "tensors: index "
+        "(as in the # column), range 0-3, name, glob, comma list.")] = None,
     filter_glob: Annotated[str | None, typer.Option(
-        "--filter", help="Only layers/tensors whose name matches this glob.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document "
-                                          "(docs/json-schema.md).")] = False,
+        "--filter", hidden=True, help="The old spelling of --layer.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print one "
+                                          "JSON document (docs/json-schema.md).")] = False,
     stats: Annotated[bool, typer.Option(
-        "--stats", help="Also read the values: min/max/mean/std and NaN/Inf counts per tensor."
-    )] = False,
+        "--stats", rich_help_panel=OUTPUT,
+        help="Also read the values: min/max/mean/std and NaN/Inf counts per tensor.")] = False,
 ) -> None:
     """Show every attention layer: layout, dims, heads and where that count came from."""
     from attnviz.inspection import inspect_checkpoint, report_to_json
@@ -145,68 +203,73 @@ def inspect(
     with st.step(f"read the metadata of {checkpoint}"):
         report = inspect_checkpoint(checkpoint, heads=heads or (), config=config, key=key,
                                     layout=layout)
-    if filter_glob is not None:
-        import fnmatch
+    if layer is not None and filter_glob is not None:
+        raise UsageError("--layer and --filter (its old spelling) both given; pass one")
+    if layer is not None or filter_glob is not None:
+        from attnviz.inspection import select_layers
 
-        from attnviz.errors import did_you_mean
-
-        names = [*(i.layer.display_name for i in report.layers), *report.checkpoint.tensors]
-        if not any(fnmatch.fnmatchcase(n, filter_glob) for n in names):
-            layer_names = [i.layer.display_name for i in report.layers]
-            report.warnings.append(f"--filter '{filter_glob}' matches no layer or tensor ("
-                                   + did_you_mean(filter_glob, layer_names or names,
-                                                  "names are listed by --all") + ")")
+        # matching nothing is a usage error (exit 2), listing the layers with their indices
+        report = select_layers(report, layer if layer is not None else filter_glob or "")
     value_stats = None
     if stats:
-        import fnmatch
-
         from attnviz.tensor_stats import tensor_stats
 
         value_stats = tensor_stats(report.checkpoint, [
-            n for n in report.checkpoint.tensors
-            if filter_glob is None or fnmatch.fnmatchcase(n, filter_glob)])
+            n for n in report.checkpoint.tensors if report.shows_tensor(n)])
         for item in value_stats:
             if item.nan or item.inf:
                 report.warnings.append(f"tensor '{item.name}' holds {item.nan} NaN and "
                                        f"{item.inf} Inf values")
     if as_json:
-        document = report_to_json(report, tensor_filter=filter_glob)
+        document = report_to_json(report)
         if value_stats is not None:
             document["stats"] = [vars(item) for item in value_stats]
         typer.echo(json.dumps(document, indent=2))
+        from attnviz.heads_override import override_warnings
+
+        for warning in override_warnings(report.layers):  # in the JSON too; stderr for people
+            st.warn(warning)
         return
-    tables.print_inspect(report, show_all=show_all, tensor_filter=filter_glob)
+    tables.print_inspect(report, show_all=show_all, tensor_filter=None)
     if value_stats is not None:
         tables.print_stats(value_stats)
 
 
-@app.command("split-qkv")
+@app.command("split-qkv", cls=AttnvizCommand)
 def split_qkv(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file "
-                                         "(.safetensors, .pt or .npz).")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", rich_help_panel=OUTPUT,
+                                         help="Output file (.safetensors, .pt or .npz).")],
     heads: HeadsOpt = None,
     config: ConfigOpt = None,
     key: KeyOpt = None,
     layout: LayoutOpt = None,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", metavar="LAYERS", rich_help_panel=VIEW, help="Only these layers: index (as "
+        "in inspect's # "
+        "column), range 0-3, name, glob, comma list.")] = None,
     layers: Annotated[str | None, typer.Option(
-        "--layers", help="Only layers whose name matches this glob.")] = None,
+        "--layers", hidden=True, help="The old spelling of --layer.")] = None,
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="safetensors, pt or npz (default: from the output suffix).")] = None,
+        "--format", metavar="safetensors|pt|npz", rich_help_panel=OUTPUT,
+        help="The output format (default: from the output suffix).")] = None,
     stacked: Annotated[bool, typer.Option(
-        "--stacked", help="Write {layer}.q.weight [H, d, E] instead of one tensor per head.")]
-    = False,
+        "--stacked", rich_help_panel=OUTPUT,
+        help="Write {layer}.q.weight [H, d, E] instead of one tensor per head.")] = False,
     out_proj: Annotated[bool, typer.Option(
-        "--out-proj/--no-out-proj", help="Also write each head's columns of the output "
-        "projection.")] = True,
+        "--out-proj/--no-out-proj", rich_help_panel=OUTPUT,
+        help="Also write each head's columns of the output projection.")] = True,
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Check per-head attention against the layout's reference and, for an "
-        "HF model directory, q/k/v against the transformers module itself; exit 1 on a "
-        "mismatch.")] = False,
+        "--verify", rich_help_panel=OUTPUT, help="Check per-head attention against the "
+        "layout's reference and, for an HF model directory, q/k/v against the transformers "
+        "module itself; exit 1 on a mismatch.")] = False,
     force: ForceOpt = False,
 ) -> None:
     """Export each attention layer's Wq/Wk/Wv/Wo per head, in Linear (out, in) orientation."""
+    if layer is not None and layers is not None:
+        raise UsageError("--layer and --layers (its old spelling) both given; pass one")
+    layers = layer if layer is not None else layers
     if config is not None and not config.is_file():
         raise UsageError(f"--config {config}: no such file")
     from attnviz.source_hash import BackgroundHash
@@ -242,6 +305,8 @@ def split_qkv(
                                   layers=layers, fmt=fmt, stacked=stacked, out_proj=out_proj,
                                   verify=verify, force=force, on_layer=on_layer,
                                   hashing=hashing, layout=layout)
+    for warning in result.warnings:
+        st.warn(warning)
     if st.verbosity == QUIET:
         return
     console.print(tables.split_table(result))
@@ -265,12 +330,13 @@ def split_qkv(
                       "has no bfloat16/float8)")
 
 
-@app.command("merge-qkv")
+@app.command("merge-qkv", cls=AttnvizCommand)
 def merge_qkv(
     ctx: typer.Context,
-    split: Annotated[Path, typer.Argument(help="A file written by 'attnviz split-qkv'.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file "
-                                         "(.safetensors or .pt).")],
+    split: Annotated[Path, typer.Argument(metavar="SPLIT_FILE",
+                                          help="A file written by 'attnviz split-qkv'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", rich_help_panel=OUTPUT,
+                                         help="Output file (.safetensors or .pt).")],
     force: ForceOpt = False,
 ) -> None:
     """Rebuild the original packed tensors from a split-qkv file, bit for bit."""
@@ -286,19 +352,9 @@ from attnviz.cli import demo_cmd, heatmap_cmd, report_cmd  # noqa: E402
 __all__ = ["app", "demo_cmd", "heatmap_cmd", "main", "report_cmd"]
 
 
-def _plain_flags(command: Any) -> Any:
-    """On/off flags take no value: show no '<bool>' placeholder for them in --help."""
-    for param in getattr(command, "params", []):
-        if getattr(param, "is_flag", False):
-            param.metavar = ""
-    for sub in getattr(command, "commands", {}).values():
-        _plain_flags(sub)
-    return command
-
-
 def main() -> None:
     """Console-script entry point."""
-    _plain_flags(typer.main.get_command(app))(prog_name="attnviz")
+    typer.main.get_command(app)(prog_name="attnviz")
 
 
 if __name__ == "__main__":

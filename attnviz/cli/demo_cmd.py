@@ -14,7 +14,8 @@ import typer
 import attnviz
 from attnviz.atomic import atomic_output
 from attnviz.cli import app
-from attnviz.cli.options import ForceOpt
+from attnviz.cli.command import AttnvizCommand
+from attnviz.cli.options import INPUT, OUTPUT, ForceOpt
 from attnviz.cli.state import state
 from attnviz.errors import UsageError
 
@@ -26,16 +27,31 @@ SPLIT_SAMPLES: dict[str, tuple[str, ...]] = {
 Job = tuple[str, Callable[[], None]]
 
 
+def _packaged_samples() -> Path | None:
+    """The samples a wheel ships as attnviz/samples (setup.py maps sample_checkpoints/ there)."""
+    from importlib.resources import files
+
+    folder = files("attnviz") / "samples"
+    # a Path for every installed wheel; anything else (a zip import) has no folder to read from
+    return folder if isinstance(folder, Path) else None
+
+
 def find_samples(given: Path | None) -> Path:
-    """--samples, else ./sample_checkpoints, else the one beside an editable install."""
+    """--samples, else ./sample_checkpoints, else the installed package's samples, else the
+    checkout beside an editable install."""
     candidates = [given] if given is not None else [
-        Path("sample_checkpoints"), Path(attnviz.__file__).resolve().parent.parent /
-        "sample_checkpoints"]
+        Path("sample_checkpoints"), _packaged_samples(),
+        Path(attnviz.__file__).resolve().parent.parent / "sample_checkpoints"]
     for folder in candidates:
         if folder is not None and (folder / "vit_shapes.pth").is_file():
             return folder
-    raise UsageError("no sample checkpoints found" + (f" in {given}" if given else ""),
-                     hint="run from an attnviz checkout, or pass --samples DIR")
+    if given is not None:
+        raise UsageError("no sample checkpoints found in this folder (no vit_shapes.pth)",
+                         path=given, hint="pass an attnviz checkout's sample_checkpoints/, or "
+                         "leave --samples out to use the installed samples")
+    raise UsageError("no sample checkpoints found: neither ./sample_checkpoints nor the "
+                     "installed attnviz/samples holds vit_shapes.pth",
+                     hint="reinstall attnviz from its wheel, or pass --samples DIR")
 
 
 def _minilm() -> Path | None:
@@ -141,14 +157,16 @@ def _picture_jobs(samples: Path, out: Path, written: list[Path]) -> list[Job]:
     return jobs
 
 
-@app.command()
+@app.command(cls=AttnvizCommand)
 def demo(
     ctx: typer.Context,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for every output "
-                                         "(created if missing).")] = Path("demo_output"),
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="DIR", rich_help_panel=OUTPUT,
+                                         help="Folder for every output (created if missing).")]
+    = Path("demo_output"),
     samples: Annotated[Path | None, typer.Option(
-        "--samples", help="Folder of the sample checkpoints (default: ./sample_checkpoints, or "
-        "the checkout attnviz is installed from).")] = None,
+        "--samples", metavar="DIR", rich_help_panel=INPUT, help="Folder of the sample "
+        "checkpoints (default: ./sample_checkpoints, else the samples installed with "
+        "attnviz).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Run every command on the bundled samples (and all-MiniLM-L6-v2 when installed)."""

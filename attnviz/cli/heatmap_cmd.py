@@ -9,7 +9,13 @@ from typing import Annotated
 import typer
 
 from attnviz.cli import app
+from attnviz.cli.command import AttnvizCommand
 from attnviz.cli.options import (
+    IMAGE_VIEW,
+    INPUT,
+    MODEL,
+    OUTPUT,
+    VIEW,
     ActivationOpt,
     AlphaOpt,
     CausalOpt,
@@ -42,7 +48,9 @@ from attnviz.cli.options import (
     TopKOpt,
     check_inputs,
     check_model_flags,
+    existing_file,
     image_options,
+    in_range,
     sequence_request,
 )
 from attnviz.cli.state import state
@@ -50,17 +58,20 @@ from attnviz.errors import UsageError
 
 # HF directories (these belong in cli/options.py beside the other shared flags)
 AttnImplOpt = Annotated[str, typer.Option(
-    "--attn-implementation", help="HF directories: auto (sdpa where the architecture has it, "
-    "else eager), eager or sdpa.")]
+    "--attn-implementation", metavar="auto|eager|sdpa", rich_help_panel=MODEL,
+    help="HF directories: auto (sdpa where the architecture has it, else eager), eager or "
+    "sdpa.")]
 TgtTokensOpt = Annotated[str | None, typer.Option(
-    "--tgt-tokens", help="HF encoder-decoders: decoder input ids, e.g. 0,37,5 (default: "
+    "--tgt-tokens", metavar="IDS", rich_help_panel=INPUT,
+    help="HF encoder-decoders: decoder input ids, e.g. 0,37,5 (default: "
     "decoder_start_token_id).")]
 TgtTextOpt = Annotated[str | None, typer.Option(
-    "--tgt-text", help="HF encoder-decoders: decoder text, tokenised, "
-    "decoder_start_token_id first.")]
+    "--tgt-text", metavar="TEXT", rich_help_panel=INPUT,
+    help="HF encoder-decoders: decoder text, tokenised, decoder_start_token_id first.")]
 AudioOpt = Annotated[Path | None, typer.Option(
-    "--audio", help="HF speech models (Whisper): a PCM WAV file, resampled to the feature "
-    "extractor's rate.")]
+    "--audio", metavar="FILE", rich_help_panel=INPUT, callback=existing_file,
+    help="HF speech models (Whisper): a PCM WAV file, resampled to the feature extractor's "
+    "rate.")]
 HF_SEQUENCE_ONLY = ("tgt_tokens", "tgt_text", "audio")
 
 
@@ -87,12 +98,12 @@ def check_hf_inputs(ctx: typer.Context, checkpoint: Path, *, text: str | None,
                  image_only=image_only)
 
 
-@app.command()
+@app.command(cls=AttnvizCommand)
 def heatmap(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Image file: .png, .svg or "
-                                         ".pdf.")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", rich_help_panel=OUTPUT,
+                                         help="Image file: .png, .svg or .pdf.")],
     model: ModelOpt = None,
     strict: StrictOpt = True,
     heads: HeadsOpt = None,
@@ -117,24 +128,35 @@ def heatmap(
     head_fusion: HeadFusionOpt = "mean",
     discard_ratio: DiscardOpt = 0.0,
     alpha: AlphaOpt = 0.55,
-    smooth: Annotated[bool, typer.Option("--smooth", help="Bilinear instead of per-patch "
-                                         "upsampling.")] = False,
+    smooth: Annotated[bool, typer.Option("--smooth", rich_help_panel=IMAGE_VIEW,
+                                         help="Bilinear instead of per-patch upsampling.")]
+    = False,
     layer: Annotated[str | None, typer.Option(
-        "--layer", help="Layers: index, range 0-3, list, all, mean (default: all; images: the "
-        "last).")] = None,
-    head: Annotated[str | None, typer.Option(
-        "--head", help="Heads: index, range, list, all, mean (default: all; DETR: mean).")]
+        "--layer", metavar="LAYERS", rich_help_panel=VIEW,
+        help="Layers: index (as in inspect's # column), range 0-3, name, glob, comma list, "
+        "all, mean (default: all; images: the last).")] = None,
+    show_heads: Annotated[str | None, typer.Option(
+        "--show-heads", metavar="HEADS", rich_help_panel=VIEW,
+        help="Heads to draw: index, range, list, all, mean (default: all; DETR: mean).")]
     = None,
-    view: Annotated[str, typer.Option("--view", help="auto, matrix (one map with token "
-                                      "labels), grid (layer x head); images: overlay or "
-                                      "rollout.")] = "auto",
-    scale: Annotated[str, typer.Option("--scale", help="Colour scale: shared or panel.")]
+    head: Annotated[str | None, typer.Option(
+        "--head", hidden=True, help="The old spelling of --show-heads.")] = None,
+    view: Annotated[str, typer.Option(
+        "--view", metavar="VIEW", rich_help_panel=VIEW, help="auto, matrix (one map with token "
+        "labels), grid (layer x head); images: overlay or rollout.")] = "auto",
+    scale: Annotated[str, typer.Option("--scale", metavar="shared|panel", rich_help_panel=VIEW,
+                                       help="One colour scale for all panels, or one each.")]
     = "shared",
-    batch_index: Annotated[int, typer.Option("--batch-index", help="Batch item to draw.")] = 0,
+    pool: Annotated[str, typer.Option(
+        "--pool", metavar="max|mean", rich_help_panel=VIEW, help="Sequences: how maps larger "
+        "than their pixels are reduced (max keeps one attended token visible).")] = "max",
+    batch_index: Annotated[int, typer.Option(
+        "--batch-index", metavar="I", rich_help_panel=VIEW, callback=in_range(0),
+        help="Batch item to draw, I >= 0.")] = 0,
     title: TitleOpt = None,
     save_maps: Annotated[Path | None, typer.Option(
-        "--save-maps", help="Also write the raw maps (B, H, Lq, Lk) to this .safetensors.")]
-    = None,
+        "--save-maps", metavar="FILE", rich_help_panel=OUTPUT,
+        help="Also write the raw maps (B, H, Lq, Lk) to this .safetensors.")] = None,
     norm_first: NormFirstOpt = False,
     activation: ActivationOpt = "relu",
     force: ForceOpt = False,
@@ -145,6 +167,9 @@ def heatmap(
     layout: LayoutOpt = None,
 ) -> None:
     """Per-head attention maps of a forward pass, drawn as heatmaps (sequences or images)."""
+    if show_heads is not None and head is not None:
+        raise UsageError("--show-heads and --head (its old spelling) both given; pass one")
+    head = show_heads if show_heads is not None else head
     check_hf_inputs(ctx, checkpoint, text=text, tokens=tokens, input_file=input_file,
                     seq_len=seq_len,
                     image=image, audio=audio, model=model)
@@ -158,7 +183,7 @@ def heatmap(
                                 view=view, top_k=top_k, threshold=threshold, query=query,
                                 point=point, head_fusion=head_fusion,
                                 discard_ratio=discard_ratio, alpha=alpha, smooth=smooth,
-                                title=title)
+                                title=title, scale=scale)
         options = replace(options, text=text, tokens=tokens,
                           attn_implementation=attn_implementation)
         with st.step("rebuilt the model, captured and rendered"):
@@ -166,6 +191,8 @@ def heatmap(
                                    config=config, key=key, save_maps=save_maps, force=force,
                                    layout=layout)
         st.say(f"model: {result.model}")
+        for warning in result.warnings:
+            st.warn(warning)
         for note in result.notes:
             st.say(f"note: {note}")
         st.say(f"wrote {result.output} ({len(result.layers)} row(s) x {len(result.heads)} "
@@ -179,7 +206,8 @@ def heatmap(
                                tgt_seq_len=tgt_seq_len, causal=causal, pad=pad)
     request = replace(request, tgt_tokens=tgt_tokens, tgt_text=tgt_text, audio=audio)
     heat_options = HeatmapOptions(layer=layer or "all", head=head or "all", view=view,
-                                  scale=scale, batch_index=batch_index, title=title)
+                                  scale=scale, batch_index=batch_index, title=title,
+                                  pool=pool, query=",".join(query) if query else None)
     with st.step("loaded the model, captured and rendered"):
         seq = sequence_heatmap(checkpoint, output, request, options=heat_options, factory=model,
                                strict=strict, heads=heads or (), config=config, key=key,
@@ -187,6 +215,8 @@ def heatmap(
                                activation=activation, attn_implementation=attn_implementation,
                                layout=layout)
     st.say(f"model: {seq.model}")
+    for warning in seq.warnings:
+        st.warn(warning)
     for note in seq.notes:
         st.say(f"note: {note}")
     st.say(f"wrote {seq.output} ({seq.view}: {len(seq.layers)} layer row(s) x "

@@ -3,8 +3,11 @@ and the helpers that turn a command's input flags into core requests."""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,70 +17,189 @@ if TYPE_CHECKING:
     from attnviz.image_heatmap import ImageOptions
     from attnviz.sequence_inputs import SequenceRequest
 
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (.pth/.pt/.bin/.ckpt/"
-                                               ".safetensors), *.index.json or model directory.")]
+# help panels: which part of a run an option is about
+INPUT, MODEL, VIEW, IMAGE_VIEW, OUTPUT = ("Input", "Model", "View", "Image views (ViT, DETR)",
+                                          "Output")
+SEED_MAX = 2**63 - 1  # torch seeds are 64-bit; the decoder side uses seed + 1
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def in_range(low: float, high: float | None = None, *, high_open: bool = False,
+             integer: bool = True) -> Callable[[Any], Any]:
+    """An option callback refusing, before anything runs, a number outside [low, high] (each
+    item of a repeated option), with a one-line usage error that says the allowed range."""
+    kind = "an integer" if integer else "a number"
+    if high is None:
+        allowed = f"{kind} >= {_number(low)}"
+    else:
+        allowed = f"{kind} in [{_number(low)}, {_number(high)}{')' if high_open else ']'}"
+
+    def check(value: Any) -> Any:
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if item is None:
+                continue
+            fits = math.isfinite(item) and item >= low and (
+                high is None or (item < high if high_open else item <= high))
+            if not fits:
+                raise typer.BadParameter(f"{_number(item)} is out of range; use {allowed}")
+        return value
+    return check
+
+
+def existing_file(value: Path | None) -> Path | None:
+    """Input files: a missing one and a directory are told apart up front."""
+    if value is not None and not value.is_file():
+        raise typer.BadParameter(f"{value}: " + (
+            "is a directory, not a file" if value.is_dir() else "no such file"))
+    return value
+
+
+def image_size(value: str | None) -> str | None:
+    """--size N or HxW, each side at least 1 pixel."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)(?:\s*[x,]\s*(\d+))?\s*", value.lower())
+    if match is None or any(int(side) < 1 for side in match.groups() if side is not None):
+        raise typer.BadParameter(f"'{value}' is not N or HxW with sides >= 1, e.g. 224 or "
+                                 "480x640")
+    return value
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        x = y = math.nan
+    if not (math.isfinite(x) and math.isfinite(y) and x >= 0 and y >= 0):
+        raise UsageError(f"--point '{text}': use x,y in image pixels, each >= 0, e.g. 320,240")
+    return x, y
+
+
+def query_texts(value: list[str] | None) -> list[str] | None:
+    from attnviz.query_rows import parse_query_rows
+
+    for text in value or ():
+        parse_query_rows(text)  # refused before the model is built
+    return value
+
+
+def detr_queries(texts: list[str] | None) -> list[int] | None:
+    """DETR's --query: decoder query indices (no 'last': DETR's queries are a set)."""
+    from attnviz.query_rows import parse_query_rows
+
+    chosen: list[int] = []
+    for text in texts or ():
+        for start, stop in parse_query_rows(text):
+            if start < 0 or stop < 0:
+                raise UsageError(f"--query '{text}': DETR queries are indices 0, 1, ...")
+            chosen += range(start, stop + 1)
+    return chosen or None
+
+
+def points(value: list[str] | None) -> list[str] | None:
+    for text in value or ():
+        parse_point(text)  # refused before the model is built
+    return value
+
+
+CheckpointArg = Annotated[Path, typer.Argument(
+    metavar="CHECKPOINT", help="Checkpoint file (.pth/.pt/.bin/.ckpt/.safetensors), "
+    "*.index.json or model directory.")]
 HeadsOpt = Annotated[list[str] | None, typer.Option(
-    "--heads", help="Heads per layer: N, or 'glob=N' for matching layers (repeatable).")]
+    "--heads", metavar="N|GLOB=N", rich_help_panel=MODEL,
+    help="Heads per layer: N, or 'glob=N' for matching layers (repeatable).")]
 ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", help="config.json to read head counts from (default: one beside the file).")]
+    "--config", metavar="FILE", rich_help_panel=MODEL, callback=existing_file,
+    help="config.json to read head counts from (default: one beside the file).")]
 KeyOpt = Annotated[str | None, typer.Option(
-    "--key", help="Dotted path of the mapping that holds the tensors, e.g. 'model' or 'ema'.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+    "--key", metavar="PATH", rich_help_panel=MODEL,
+    help="Dotted path of the mapping that holds the tensors, e.g. 'model' or 'ema'.")]
+ForceOpt = Annotated[bool, typer.Option("--force", rich_help_panel=OUTPUT,
+                                        help="Overwrite existing outputs.")]
 LayoutOpt = Annotated[str | None, typer.Option(
-    "--layout", help="Layout NAME for tensors whose names and shapes fit several packings "
-    "when no config.json model_type says which model wrote them (docs/layouts.md).")]
-TitleOpt = Annotated[str | None, typer.Option("--title", help="Figure or page title.")]
+    "--layout", metavar="NAME", rich_help_panel=MODEL,
+    help="Layout NAME for tensors whose names and shapes fit several packings when no "
+    "config.json model_type says which model wrote them (docs/layouts.md).")]
+TitleOpt = Annotated[str | None, typer.Option("--title", metavar="TEXT", rich_help_panel=OUTPUT,
+                                              help="Figure or page title.")]
 
 # the forward pass: where the model comes from
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", help="package.module:factory returning the nn.Module to load the weights "
-    "into (default: rebuild nn.Transformer models, or load an HF directory).")]
-StrictOpt = Annotated[bool, typer.Option("--strict/--no-strict", help="With --model: require "
-                                         "an exact key match.")]
-NormFirstOpt = Annotated[bool, typer.Option("--norm-first", help="Rebuilt nn.Transformer "
-                                            "layers are pre-norm.")]
-ActivationOpt = Annotated[str, typer.Option("--activation", help="Rebuilt nn.Transformer "
-                                            "activation: relu or gelu.")]
+    "--model", metavar="MODULE:FACTORY", rich_help_panel=MODEL,
+    help="package.module:factory returning the nn.Module to load the weights into (default: "
+    "rebuild nn.Transformer models, or load an HF directory).")]
+StrictOpt = Annotated[bool, typer.Option("--strict/--no-strict", rich_help_panel=MODEL,
+                                         help="With --model: require an exact key match.")]
+NormFirstOpt = Annotated[bool, typer.Option("--norm-first", rich_help_panel=MODEL,
+                                            help="Rebuilt nn.Transformer layers are pre-norm.")]
+ActivationOpt = Annotated[str, typer.Option("--activation", metavar="relu|gelu",
+                                            rich_help_panel=MODEL,
+                                            help="Rebuilt nn.Transformer activation.")]
 
 # sequence inputs
-TextOpt = Annotated[str | None, typer.Option("--text", help="Text (HF directories with a "
-                                             "tokenizer).")]
-TokensOpt = Annotated[str | None, typer.Option("--tokens", help="Token ids, e.g. "
-                                               "101,2023,102.")]
+TextOpt = Annotated[str | None, typer.Option("--text", metavar="TEXT", rich_help_panel=INPUT,
+                                             help="Text (HF directories with a tokenizer).")]
+TokensOpt = Annotated[str | None, typer.Option("--tokens", metavar="IDS", rich_help_panel=INPUT,
+                                               help="Token ids, e.g. 101,2023,102.")]
 InputOpt = Annotated[Path | None, typer.Option(
-    "--input", help="Embeddings [L, E] or [B, L, E]: .npy, .safetensors or .pt.")]
-SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="Random embeddings of this "
-                                               "length (untrained checks).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --seq-len.")]
+    "--input", metavar="FILE", rich_help_panel=INPUT, callback=existing_file,
+    help="Embeddings [L, E] or [B, L, E]: .npy, .safetensors or .pt.")]
+SeqLenOpt = Annotated[int | None, typer.Option(
+    "--seq-len", metavar="N", rich_help_panel=INPUT, callback=in_range(1),
+    help="Random embeddings of this length, N >= 1 (untrained checks).")]
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", metavar="N", rich_help_panel=INPUT, callback=in_range(0, SEED_MAX),
+    help="Seed for --seq-len and --tgt-seq-len, 0 <= N < 2^63.")]
 TgtInputOpt = Annotated[Path | None, typer.Option(
-    "--tgt-input", help="Decoder-side embeddings (encoder-decoder / decoder models).")]
+    "--tgt-input", metavar="FILE", rich_help_panel=INPUT, callback=existing_file,
+    help="Decoder-side embeddings (encoder-decoder / decoder models).")]
 TgtSeqLenOpt = Annotated[int | None, typer.Option(
-    "--tgt-seq-len", help="Random decoder-side embeddings of this length.")]
-CausalOpt = Annotated[bool, typer.Option("--causal", help="Causal mask (decoder "
-                                         "self-attention, or the encoder of an encoder-only "
-                                         "model).")]
-PadOpt = Annotated[int, typer.Option("--pad", help="Treat the last N source positions as "
-                                     "padding.")]
+    "--tgt-seq-len", metavar="N", rich_help_panel=INPUT, callback=in_range(1),
+    help="Random decoder-side embeddings of this length, N >= 1.")]
+CausalOpt = Annotated[bool, typer.Option("--causal", rich_help_panel=INPUT,
+                                         help="Causal mask (decoder self-attention, or the "
+                                         "encoder of an encoder-only model).")]
+PadOpt = Annotated[int, typer.Option("--pad", metavar="N", rich_help_panel=INPUT,
+                                     callback=in_range(0),
+                                     help="Treat the last N source positions as padding.")]
 
 # image inputs
 ImageOpt = Annotated[Path | None, typer.Option(
-    "--image", help="An image for a ViT (timm layout) or DETR (official layout) checkpoint, "
-    "or an HF vision model directory.")]
+    "--image", metavar="FILE", rich_help_panel=INPUT, callback=existing_file,
+    help="An image for a ViT (timm layout) or DETR (official layout) checkpoint, or an HF "
+    "vision model directory.")]
 SizeOpt = Annotated[str | None, typer.Option(
-    "--size", help="Image size: N (ViT side / DETR shorter side) or HxW.")]
+    "--size", metavar="N|HxW", rich_help_panel=INPUT, callback=image_size,
+    help="Image size: N (ViT side / DETR shorter side) or HxW.")]
 NormalizeOpt = Annotated[bool, typer.Option(
-    "--normalize/--no-normalize", help="ImageNet mean/std normalisation.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="DETR: objects to show.")]
-ThresholdOpt = Annotated[float, typer.Option("--threshold", help="DETR: minimum class score.")]
-QueryOpt = Annotated[list[int] | None, typer.Option(
-    "--query", help="DETR: query indices to show (repeatable), instead of --top-k.")]
+    "--normalize/--no-normalize", rich_help_panel=INPUT,
+    help="ImageNet mean/std normalisation.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", metavar="K", rich_help_panel=IMAGE_VIEW,
+                                      callback=in_range(1),
+                                      help="DETR: objects to show, K >= 1.")]
+ThresholdOpt = Annotated[float, typer.Option(
+    "--threshold", metavar="P", rich_help_panel=IMAGE_VIEW,
+    callback=in_range(0, 1, integer=False), help="DETR: minimum class score, in [0, 1].")]
+QueryOpt = Annotated[list[str] | None, typer.Option(
+    "--query", metavar="ROWS", rich_help_panel=VIEW, callback=query_texts,
+    help="Query rows: sequences: last, N, a-b or a list, drawn as strips over every key "
+    "(what the last token looks at); DETR: query indices (repeatable), instead of --top-k.")]
 PointOpt = Annotated[list[str] | None, typer.Option(
-    "--point", help="DETR: encoder self-attention at image pixel x,y (repeatable).")]
+    "--point", metavar="X,Y", rich_help_panel=IMAGE_VIEW, callback=points,
+    help="DETR: encoder self-attention at image pixel x,y (repeatable).")]
 HeadFusionOpt = Annotated[str, typer.Option(
-    "--head-fusion", help="Rollout: mean, max or min over heads.")]
+    "--head-fusion", metavar="mean|max|min", rich_help_panel=IMAGE_VIEW,
+    help="Rollout: how heads are fused.")]
 DiscardOpt = Annotated[float, typer.Option(
-    "--discard-ratio", help="Rollout: zero this fraction of the lowest attentions.")]
-AlphaOpt = Annotated[float, typer.Option("--alpha", help="Overlay opacity.")]
+    "--discard-ratio", metavar="R", rich_help_panel=IMAGE_VIEW,
+    callback=in_range(0, 1, high_open=True, integer=False),
+    help="Rollout: zero this fraction of the lowest attentions, in [0, 1).")]
+AlphaOpt = Annotated[float, typer.Option(
+    "--alpha", metavar="A", rich_help_panel=IMAGE_VIEW, callback=in_range(0, 1, integer=False),
+    help="Overlay opacity, in [0, 1].")]
 
 
 def one_input(**given: object) -> None:
@@ -97,14 +219,6 @@ def check_model_flags(model: str | None, strict: bool, activation: str,
         raise UsageError(f"--config {config}: no such file")
 
 
-def parse_point(text: str) -> tuple[float, float]:
-    try:
-        x, y = (float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise UsageError(f"--point '{text}': use x,y in image pixels, e.g. 320,240") from exc
-    return x, y
-
-
 def sequence_request(*, text: str | None, tokens: str | None, input_file: Path | None,
                      seq_len: int | None, seed: int, tgt_input: Path | None,
                      tgt_seq_len: int | None, causal: bool, pad: int) -> SequenceRequest:
@@ -117,26 +231,24 @@ def sequence_request(*, text: str | None, tokens: str | None, input_file: Path |
 
 def image_options(image: Path, *, size: str | None, normalize: bool, layer: str | None,
                   head: str | None, view: str, top_k: int, threshold: float,
-                  query: list[int] | None, point: list[str] | None, head_fusion: str,
+                  query: list[str] | None, point: list[str] | None, head_fusion: str,
                   discard_ratio: float, alpha: float, smooth: bool = False,
-                  title: str | None = None) -> ImageOptions:
+                  title: str | None = None, scale: str = "shared") -> ImageOptions:
     if query and point:
         raise UsageError("--query shows decoder attention, --point encoder attention: pick one")
-    if top_k < 1 or not 0.0 <= alpha <= 1.0:
-        raise UsageError("--top-k must be >= 1 and --alpha in [0, 1]")
     from attnviz.image_heatmap import ImageOptions
 
     return ImageOptions(image=image, size=size, normalize=normalize, layer=layer, head=head,
                         view=view, top_k=top_k, threshold=threshold,
-                        queries=tuple(query or ()),
+                        queries=tuple(detr_queries(query) or ()),
                         points=tuple(parse_point(p) for p in point or ()),
                         head_fusion=head_fusion, discard_ratio=discard_ratio, alpha=alpha,
-                        smooth=smooth, title=title)
+                        smooth=smooth, title=title, scale=scale)
 
 
-IMAGE_ONLY = ("size", "normalize", "top_k", "threshold", "query", "point", "head_fusion",
+IMAGE_ONLY = ("size", "normalize", "top_k", "threshold", "point", "head_fusion",
               "discard_ratio", "alpha", "smooth")
-SEQUENCE_ONLY = ("model", "strict", "scale", "causal", "pad", "seed", "batch_index", "tgt_input",
+SEQUENCE_ONLY = ("model", "strict", "pool", "causal", "pad", "seed", "batch_index", "tgt_input",
                  "tgt_seq_len", "norm_first", "activation")
 NOT_WITH_FACTORY = ("causal", "pad", "tgt_input", "tgt_seq_len", "norm_first", "activation")
 

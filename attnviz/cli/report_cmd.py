@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from attnviz.cli import app
+from attnviz.cli.command import AttnvizCommand
 from attnviz.cli.heatmap_cmd import (
     AttnImplOpt,
     AudioOpt,
@@ -17,6 +18,8 @@ from attnviz.cli.heatmap_cmd import (
     check_hf_inputs,
 )
 from attnviz.cli.options import (
+    OUTPUT,
+    VIEW,
     ActivationOpt,
     AlphaOpt,
     CausalOpt,
@@ -49,17 +52,21 @@ from attnviz.cli.options import (
     TopKOpt,
     check_model_flags,
     image_options,
+    in_range,
     sequence_request,
 )
 from attnviz.cli.state import state
 from attnviz.formatting import size as human_size
 
+MIN_MAX_TOKENS = 8  # the report's map pooling needs at least this many (report_data.py)
 
-@app.command()
+
+@app.command(cls=AttnvizCommand)
 def report(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", rich_help_panel=OUTPUT,
+                                         help="The HTML file to write.")],
     model: ModelOpt = None,
     strict: StrictOpt = True,
     heads: HeadsOpt = None,
@@ -85,13 +92,17 @@ def report(
     discard_ratio: DiscardOpt = 0.0,
     alpha: AlphaOpt = 0.55,
     layer: Annotated[str | None, typer.Option(
-        "--layer", help="Images: layers for the overlays (default: every ViT block; DETR: the "
-        "last decoder layer). The attention grid always shows every layer.")] = None,
+        "--layer", metavar="LAYERS", rich_help_panel=VIEW,
+        help="Images: layers for the overlays, as index (inspect's # column), range, name, "
+        "glob or list (default: every ViT block; DETR: the last decoder layer). The attention "
+        "grid always shows every layer.")] = None,
     max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", help="Maps longer than this are averaged in k x k token blocks to fit "
-        "(keeps a 12x12-head, 512-token report small).")] = 256,
-    norms: Annotated[bool, typer.Option("--norms/--no-norms", help="Per-head weight norms "
-                                        "(reads the attention weights).")] = True,
+        "--max-tokens", metavar="N", rich_help_panel=VIEW, callback=in_range(MIN_MAX_TOKENS),
+        help=f"Maps longer than this are averaged in k x k token blocks to fit (keeps a "
+        f"12x12-head, 512-token report small), N >= {MIN_MAX_TOKENS}.")] = 256,
+    norms: Annotated[bool, typer.Option("--norms/--no-norms", rich_help_panel=VIEW,
+                                        help="Per-head weight norms (reads the attention "
+                                        "weights).")] = True,
     title: TitleOpt = None,
     norm_first: NormFirstOpt = False,
     activation: ActivationOpt = "relu",
@@ -105,7 +116,7 @@ def report(
     """One offline HTML page: summary, layer x head grid, token hover, overlays, weight norms."""
     check_hf_inputs(ctx, checkpoint, text=text, tokens=tokens, input_file=input_file,
                     seq_len=seq_len,
-                    image=image, audio=audio, model=model, image_only=("layer",))
+                    image=image, audio=audio, model=model, image_only=("layer", "query"))
     st = state(ctx)
     from attnviz.report import ReportOptions, build_report
 
@@ -137,6 +148,8 @@ def report(
                                   attn_implementation=attn_implementation, layout=layout)
     if result.model:
         st.say(f"model: {result.model}")
+    for warning in result.warnings:
+        st.warn(warning)
     for note in result.notes:
         st.say(f"note: {note}")
     st.say(f"wrote {result.output} ({result.layers} layers, {result.heads} head maps"

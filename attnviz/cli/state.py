@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import typer
 
+from attnviz.errors import UsageError
 from attnviz.text_safety import terminal
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
@@ -24,11 +25,26 @@ class CliState:
     debug: bool = False
     verbosity: int = NORMAL
     started: float = field(default_factory=time.perf_counter)
+    quiet: bool = False
+    verbose: bool = False
+
+    def apply(self, *, debug: bool = False, quiet: bool = False, verbose: bool = False) -> None:
+        """Root options, given before the command and/or after it (each place adds)."""
+        self.debug |= debug
+        self.quiet |= quiet
+        self.verbose |= verbose
+        if self.quiet and self.verbose:
+            raise UsageError("--quiet and --verbose contradict each other; pass one")
+        self.verbosity = QUIET if self.quiet else VERBOSE if self.verbose else NORMAL
 
     def say(self, message: str) -> None:
         """A normal status line ('wrote ...'); silent with --quiet."""
         if self.verbosity >= NORMAL:
             typer.echo(terminal(message))  # names and notes carry text from files
+
+    def warn(self, message: str) -> None:
+        """A warning (a heads override of a stored count...): on stderr, even with --quiet."""
+        typer.echo(f"attnviz: warning: {terminal(message)}", err=True)
 
     def detail(self, message: str) -> None:
         """Only with --verbose, on stderr, stamped with the time since the command started."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
 
 MAX_AUDIO_SECONDS = 600
 FloatArray = np.ndarray[Any, np.dtype[np.float32]]
@@ -18,25 +18,26 @@ FloatArray = np.ndarray[Any, np.dtype[np.float32]]
 def read_wav(path: Path) -> tuple[FloatArray, int]:
     """(samples in [-1, 1] as float32 mono, sample rate) of a PCM WAV file."""
     if not path.is_file():
-        raise UsageError(f"--audio {path}: no such file")
+        raise UsageError(f"{param('audio')} {path}: no such file", param="audio")
     try:
         with wave.open(str(path), "rb") as handle:
             channels, width = handle.getnchannels(), handle.getsampwidth()
             rate, frames = handle.getframerate(), handle.getnframes()
             if rate <= 0 or channels <= 0 or width not in (1, 2, 3, 4):
-                raise UsageError(f"--audio {path}: unsupported WAV ({channels} channels, "
-                                 f"{8 * width}-bit, {rate} Hz)", hint="use 8/16/24/32-bit PCM")
+                raise UsageError(f"{param('audio')} {path}: unsupported WAV ({channels} channels, "
+                                 f"{8 * width}-bit, {rate} Hz)", hint="use 8/16/24/32-bit PCM",
+                                 param="audio")
             if frames > MAX_AUDIO_SECONDS * rate:
-                raise UsageError(f"--audio {path}: {frames / rate:.0f} s is over the "
-                                 f"{MAX_AUDIO_SECONDS} s cap", hint="trim the file")
+                raise UsageError(f"{param('audio')} {path}: {frames / rate:.0f} s is over the "
+                                 f"{MAX_AUDIO_SECONDS} s cap", hint="trim the file", param="audio")
             raw = handle.readframes(frames)
     except (wave.Error, EOFError, OSError) as exc:
-        raise UsageError(f"--audio {path}: not a PCM WAV file ({exc})",
-                         hint="convert it to 16-bit PCM WAV") from exc
+        raise UsageError(f"{param('audio')} {path}: not a PCM WAV file ({exc})",
+                         hint="convert it to 16-bit PCM WAV", param="audio") from exc
     usable = len(raw) // (width * channels) * width * channels  # a truncated last frame
     samples = _decode(raw[:usable], width).reshape(-1, channels)  # (frames, channels)
     if samples.shape[0] == 0:
-        raise UsageError(f"--audio {path}: the file holds no samples")
+        raise UsageError(f"{param('audio')} {path}: the file holds no samples", param="audio")
     mono: FloatArray = samples.mean(axis=1).astype(np.float32)
     return mono, rate
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Protocol
 
-from attnviz.errors import AmbiguousLayoutError, UsageError
+from attnviz.errors import AmbiguousLayoutError, UsageError, param
 from attnviz.layouts.registry import LAYOUTS, PROJECTION_LEAVES, PROJECTION_NAMES
 from attnviz.layouts.spec import (
     AttentionLayer,
@@ -215,8 +215,8 @@ def _resolve(name: str, matched: list[tuple[LayoutSpec, AttentionLayer]],
             raise AmbiguousLayoutError(
                 f"layer '{layer}' ({name}) fits {candidates}, which split it differently, and "
                 f"nothing says which model wrote the file ({context.source})",
-                hint="pass --layout with one of them, or --config with the model's "
-                     "config.json")
+                hint=f"pass {param('layout')} with one of them, or {param('config')} with the "
+                     "model's config.json")
         decided = "first of several candidates (names only)"
     return dataclasses.replace(fits[0][1], decided_by=decided)
 
@@ -236,13 +236,14 @@ def find_attention_layers(
     if context.forced is not None:
         forced = next((s for s in layouts if s.name == context.forced), None)
         if forced is None:
-            raise UsageError(f"--layout {context.forced} is not a known layout",
-                             hint="known: " + ", ".join(s.name for s in layouts))
+            raise UsageError(f"{param('layout')} {context.forced} is not a known layout",
+                             hint="known: " + ", ".join(s.name for s in layouts), param="layout")
         if not any(forced.pattern.match(name) for name in tensors):
             needs = forced.anchor.split(")")[-1].replace("\\", "").rstrip("$")
-            raise UsageError(f"--layout {context.forced} fits no tensor of this checkpoint "
-                             f"(it needs a tensor named like *{needs})",
-                             hint="run 'attnviz inspect' without --layout to see what it holds")
+            raise UsageError(f"{param('layout')} {context.forced} fits no tensor of this "
+                             f"checkpoint (it needs a tensor named like *{needs})",
+                             hint=f"run 'attnviz inspect' without {param('layout')} to see what "
+                                  "it holds", param="layout")
     order = {name: index for index, name in enumerate(tensors)}
     claimed: set[str] = set()
     decided: set[str] = set()
@@ -268,8 +269,8 @@ def find_attention_layers(
                     reasons.setdefault(name, f"{rival.name}: {why}")
             if context.forced is not None and rivals[0].name == context.forced:
                 if not matched:
-                    raise UsageError(f"--layout {context.forced} does not fit {name}: "
-                                     f"{reasons.get(name, 'no match')}")
+                    raise UsageError(f"{param('layout')} {context.forced} does not fit {name}: "
+                                     f"{reasons.get(name, 'no match')}", param="layout")
                 forced_used = True
                 chosen: AttentionLayer | None = dataclasses.replace(matched[0][1],
                                                                     decided_by="--layout")
@@ -281,8 +282,9 @@ def find_attention_layers(
             layers.append(chosen)
             claimed.update(chosen.keys.values())
     if context.forced is not None and not forced_used:
-        raise UsageError(f"--layout {context.forced} fits no tensor of this checkpoint",
-                         hint="run 'attnviz inspect' without --layout to see what it holds")
+        raise UsageError(f"{param('layout')} {context.forced} fits no tensor of this checkpoint",
+                         hint=f"run 'attnviz inspect' without {param('layout')} to see what it "
+                              "holds", param="layout")
     layers.sort(key=lambda item: order[item.keys.get("qkv") or item.keys["q"]])
     unrecognised = [
         Unrecognised(name, tuple(info.shape), reasons.get(name, "no layout uses these key names"))

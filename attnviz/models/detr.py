@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import HeadsError
+from attnviz.errors import HeadsError, param
 from attnviz.heads import Settings, settings_from
 from attnviz.inspection import InspectReport
 from attnviz.models.resnet import ResNetBody
@@ -55,7 +55,8 @@ def detect_detr(checkpoint: Checkpoint, report: InspectReport) -> DetrSpec:
     heads = {i.heads.num_heads for i in report.layers if i.layer.name.startswith("transformer.")}
     if None in heads or len(heads) != 1:
         raise HeadsError("number of heads unknown", path=checkpoint.path,
-                         hint="pass --heads N (DETR training checkpoints store args.nheads)")
+                         hint=f"pass {param('heads')} N (DETR training checkpoints store "
+                              "args.nheads)")
 
     def count(stack: str) -> int:
         return len({m.group(1) for k in t

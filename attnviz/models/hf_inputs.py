@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
 from attnviz.models.hf_maps import side_resolver, towers
 from attnviz.models.sources import LoadedModel
 
@@ -22,15 +22,17 @@ if TYPE_CHECKING:
 SPEECH_INPUTS = ("input_features", "input_values")
 
 
-def parse_ids(text: str, flag: str) -> torch.Tensor:
+def parse_ids(text: str, name: str) -> torch.Tensor:
+    """Token ids from 'a,b,c'; ``name``: the library parameter that gave them."""
     try:
         ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError as exc:
-        raise UsageError(f"{flag} '{text}' is not a comma-separated list of ids") from exc
+        raise UsageError(f"{param(name)} '{text}' is not a comma-separated list of ids",
+                         param=name) from exc
     if not ids:
-        raise UsageError(f"{flag} is empty")
+        raise UsageError(f"{param(name)} is empty", param=name)
     if any(i < 0 for i in ids):
-        raise UsageError(f"{flag} '{text}': token ids are >= 0")
+        raise UsageError(f"{param(name)} '{text}': token ids are >= 0", param=name)
     return torch.tensor([ids])  # (1, L)
 
 
@@ -40,11 +42,11 @@ def id_labels(tokenizer: Any, ids: list[int]) -> list[str]:
     return [f"#{i}" if token is None else str(token) for i, token in zip(ids, tokens, strict=True)]
 
 
-def _check_vocab(ids: torch.Tensor, config: Any, flag: str) -> None:
+def _check_vocab(ids: torch.Tensor, config: Any, name: str) -> None:
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and int(ids.max()) >= vocab:
-        raise UsageError(f"{flag}: id {int(ids.max())} is outside the vocabulary of {vocab} "
-                         "(config.json vocab_size)")
+        raise UsageError(f"{param(name)}: id {int(ids.max())} is outside the vocabulary of "
+                         f"{vocab} (config.json vocab_size)", param=name)
 
 
 def _text_config(config: Any) -> Any:
@@ -57,16 +59,16 @@ def text_inputs(loaded: LoadedModel, request: SequenceRequest
     tokenizer, config = loaded.tokenizer, _text_config(loaded.model.config)
     if request.text is not None:
         if tokenizer is None:
-            raise UsageError("this model directory has no tokenizer for --text",
-                             hint="use --tokens 5,17,3")
+            raise UsageError(f"this model directory has no tokenizer for {param('text')}",
+                             hint=f"use {param('tokens')} 5,17,3")
         batch = tokenizer([request.text], return_tensors="pt")
         ids, attention = batch["input_ids"], batch["attention_mask"]
     elif request.tokens is not None:
-        ids = parse_ids(request.tokens, "--tokens")
+        ids = parse_ids(request.tokens, "tokens")
         attention = torch.ones_like(ids)
     else:
-        raise UsageError("an HF text model needs --text or --tokens")
-    _check_vocab(ids, config, "--tokens")
+        raise UsageError(f"an HF text model needs {param('text')} or {param('tokens')}")
+    _check_vocab(ids, config, "tokens")
     if request.pad:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         pad_id = pad_id if isinstance(pad_id, int) else getattr(config, "pad_token_id", None)
@@ -77,7 +79,7 @@ def text_inputs(loaded: LoadedModel, request: SequenceRequest
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and ids.shape[1] > limit:
         raise UsageError(f"the input is {ids.shape[1]} tokens; this model takes at most {limit} "
-                         "(config.json max_position_embeddings)", hint="shorten --text")
+                         "(config.json max_position_embeddings)", hint=f"shorten {param('text')}")
     return {"input_ids": ids, "attention_mask": attention}, id_labels(tokenizer,
                                                                        ids[0].tolist())
 
@@ -91,22 +93,23 @@ def decoder_inputs(loaded: LoadedModel, request: SequenceRequest
     start = getattr(config, "decoder_start_token_id", None)
     notes: list[str] = []
     if request.tgt_tokens is not None:
-        ids = parse_ids(request.tgt_tokens, "--tgt-tokens")
+        ids = parse_ids(request.tgt_tokens, "tgt_tokens")
     elif request.tgt_text is not None:
         if tokenizer is None:
-            raise UsageError("this model directory has no tokenizer for --tgt-text",
-                             hint="use --tgt-tokens 0,5,17")
+            raise UsageError(f"this model directory has no tokenizer for {param('tgt_text')}",
+                             hint=f"use {param('tgt_tokens')} 0,5,17")
         ids = tokenizer(text_target=[request.tgt_text], return_tensors="pt")["input_ids"]
         if isinstance(start, int) and int(ids[0, 0]) != start:
             ids = torch.cat([torch.tensor([[start]]), ids], dim=1)  # (1, 1 + T)
     else:
         if not isinstance(start, int):
             raise UsageError("this encoder-decoder names no decoder_start_token_id in "
-                             "config.json", hint="give the decoder input with --tgt-tokens")
+                             "config.json",
+                             hint=f"give the decoder input with {param('tgt_tokens')}")
         ids = torch.tensor([[start]])  # (1, 1)
         notes.append(f"decoder input: decoder_start_token_id {start} (give one with "
                      "--tgt-tokens or --tgt-text)")
-    _check_vocab(ids, config, "--tgt-tokens")
+    _check_vocab(ids, config, "tgt_tokens")
     limit = getattr(config, "max_target_positions", None)
     if isinstance(limit, int) and ids.shape[1] > limit:
         raise UsageError(f"the decoder input is {ids.shape[1]} tokens; this model takes at most "
@@ -132,7 +135,7 @@ def image_inputs(loaded: LoadedModel, image: Path) -> tuple[dict[str, torch.Tens
     assert loaded.path is not None
     processor = load_processor(loaded.path, "image")
     if processor is None:
-        raise UsageError("this model directory has no image processor for --image",
+        raise UsageError(f"this model directory has no image processor for {param('image')}",
                          path=loaded.path,
                          hint="save one with processor.save_pretrained(directory)")
     picture = Image.fromarray(open_rgb(image))
@@ -154,14 +157,17 @@ def prepare_hf(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
     has_text = request.text is not None or request.tokens is not None
     if main in SPEECH_INPUTS:
         if has_text:
-            raise UsageError("a speech model takes --audio FILE.wav or --seq-len N, not "
-                             "--text/--tokens", hint="give the decoder input with --tgt-tokens")
+            raise UsageError(f"a speech model takes {param('audio')} FILE.wav or "
+                             f"{param('seq_len')} N, not "
+                             f"{param('text')}/{param('tokens')}",
+                             hint=f"give the decoder input with {param('tgt_tokens')}")
         inputs, sides["source"], notes = speech_inputs(loaded, request)
     elif request.audio is not None:
-        raise UsageError(f"--audio needs a speech model; {type(model).__name__} takes {main}")
+        raise UsageError(f"{param('audio')} needs a speech model; {type(model).__name__} takes "
+                         f"{main}", param="audio")
     elif main == "pixel_values" and not tower_sides:
         if request.image is None:
-            raise UsageError(f"{type(model).__name__} takes images: use --image FILE")
+            raise UsageError(f"{type(model).__name__} takes images: use {param('image')} FILE")
         inputs, _ = image_inputs(loaded, request.image)
     elif has_text or not tower_sides:
         inputs, sides["source"] = text_inputs(loaded, request)
@@ -180,8 +186,8 @@ def prepare_hf(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
         inputs["decoder_input_ids"] = decoder_ids
         notes += more
     elif request.tgt_tokens is not None or request.tgt_text is not None:
-        raise UsageError("--tgt-tokens/--tgt-text give the decoder input of an "
-                         f"encoder-decoder; {type(model).__name__} is not one")
+        raise UsageError(f"{param('tgt_tokens')}/{param('tgt_text')} give the decoder input of an "
+                         f"encoder-decoder; {type(model).__name__} is not one", param="tgt_tokens")
     target = model.get_submodule(module) if module else model
     inputs = _accepted(target, inputs)
     prepared = PreparedCall(lambda: target(**inputs), sides.get("source", []),

@@ -10,14 +10,15 @@ something other than their eager path, where attnviz follows eager.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attnviz.errors import UsageError
+from attnviz.errors import HeadsError, UsageError, param
+from attnviz.heads_override import ConfigEdit, apply_config_edits
 from attnviz.models.hf_safety import (
     SAFE_KWARGS,
     HFDirectoryError,
@@ -95,14 +96,14 @@ def choose_attn_implementation(cls: Any, config: Any, requested: str, path: Path
     """'auto' -> None (transformers' own choice: sdpa in every sub-model that has it, eager in
     the others) unless an ``EAGER_ONLY`` rule applies; 'eager'/'sdpa' as asked."""
     if requested not in ATTN_IMPLEMENTATIONS:
-        raise UsageError(f"--attn-implementation {requested}: use "
-                         f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+        raise UsageError(f"{param('attn_implementation')} {requested}: use "
+                         f"{', '.join(ATTN_IMPLEMENTATIONS)}", param="attn_implementation")
     rule = next((r for r in EAGER_ONLY if r.model_type == getattr(config, "model_type", None)
                  and r.applies(config)), None)
     has_sdpa = bool(getattr(cls, "_supports_sdpa", False))
     if requested == "sdpa" and not has_sdpa:
         raise UsageError(f"{cls.__name__} has no sdpa attention in transformers", path=path,
-                         hint="use --attn-implementation eager (or auto)")
+                         hint=f"use {param('attn_implementation')} eager (or auto)")
     if requested == "auto":
         if rule is not None:
             return "eager", [f"eager attention: {rule.reason}"]
@@ -137,9 +138,14 @@ def load_config(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[Any, An
 
 
 def load_model(path: Path, shapes: dict[str, tuple[int, ...]], *,
-               attn_implementation: str = "auto", auto_name: str = "AutoModel") -> HFParts:
-    """Build on the meta device, check against the weights, then load for real."""
+               attn_implementation: str = "auto", auto_name: str = "AutoModel",
+               edits: Sequence[ConfigEdit] = ()) -> HFParts:
+    """Build on the meta device, check against the weights, then load for real.
+
+    ``edits``: config settings a heads override changes (``heads_override.config_edits``);
+    the model is built with them, or refused when they do not fit the weights."""
     transformers, config = load_config(path, shapes)
+    apply_config_edits(config, edits)
     for rule in UNSUPPORTED:
         if rule.model_type == getattr(config, "model_type", None) and rule.applies(config):
             raise HFDirectoryError(rule.reason, path=path)
@@ -152,7 +158,15 @@ def load_model(path: Path, shapes: dict[str, tuple[int, ...]], *,
             AssertionError, NotImplementedError) as exc:
         raise HFDirectoryError(f"transformers cannot build the model config.json describes "
                                f"({_first(exc)})", path=path) from exc
-    check_built_model(skeleton, shapes, path)
+    try:
+        check_built_model(skeleton, shapes, path)
+    except HFDirectoryError as error:
+        if not edits:
+            raise
+        changed = ", ".join(f"{e.key}={e.heads}" for e in edits)
+        raise HeadsError(f"the model built with the heads override ({changed}) does not fit "
+                         f"the weights: {error.message}", path=path, param="heads",
+                         hint="give a count the weights allow, or drop the override") from None
     del skeleton
     try:
         model, info = auto.from_pretrained(path, config=config, attn_implementation=impl,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
 from attnviz.inputs.audio import read_wav, resample
 from attnviz.models.hf_loading import import_transformers, load_processor
 from attnviz.models.sources import LoadedModel
@@ -41,9 +41,9 @@ def _extractor(loaded: LoadedModel, notes: list[str]) -> Any:
             feature_size=config.num_mel_bins, sampling_rate=WHISPER_RATE,
             hop_length=WHISPER_HOP, chunk_length=frames * WHISPER_HOP // WHISPER_RATE)
     raise UsageError("this model directory has no feature extractor (preprocessor_config.json) "
-                     "for --audio", path=loaded.path,
+                     f"for {param('audio')}", path=loaded.path,
                      hint="save one with extractor.save_pretrained(directory), or use "
-                          "--seq-len N")
+                          f"{param('seq_len')} N")
 
 
 def speech_inputs(loaded: LoadedModel, request: SequenceRequest
@@ -58,7 +58,8 @@ def speech_inputs(loaded: LoadedModel, request: SequenceRequest
     frames = _whisper_frames(config) if main == "input_features" else None
     if request.audio is not None:
         if request.seq_len is not None:
-            raise UsageError("--audio and --seq-len both give the input; pass one")
+            raise UsageError(f"{param('audio')} and {param('seq_len')} both give the input; pass "
+                             "one", param="audio")
         extractor = _extractor(loaded, notes)
         rate = int(extractor.sampling_rate)
         samples, source_rate = read_wav(request.audio)
@@ -70,11 +71,13 @@ def speech_inputs(loaded: LoadedModel, request: SequenceRequest
         hop = int(getattr(extractor, "hop_length", 0) or 0)
     elif request.seq_len is not None:
         if request.seq_len < 1:
-            raise UsageError(f"--seq-len {request.seq_len}: use 1 or more")
+            raise UsageError(f"{param('seq_len')} {request.seq_len}: use 1 or more",
+                             param="seq_len")
         if frames is not None and request.seq_len != frames:
-            raise UsageError(f"--seq-len {request.seq_len}: {type(model).__name__} takes exactly "
+            raise UsageError(f"{param('seq_len')} {request.seq_len}: {type(model).__name__} "
+                             "takes exactly "
                              f"{frames} feature frames (2 x max_source_positions in config.json)",
-                             hint=f"use --seq-len {frames}")
+                             hint=f"use {param('seq_len')} {frames}", param="seq_len")
         if main == "input_features":
             bins = int(getattr(config, "num_mel_bins", 0)
                        or getattr(config, "input_feat_per_channel", 80))
@@ -84,8 +87,9 @@ def speech_inputs(loaded: LoadedModel, request: SequenceRequest
         rate, hop = WHISPER_RATE, WHISPER_HOP if frames is not None else 0
         notes.append(f"random {main} (seed {request.seed}): structure only, not speech")
     else:
-        raise UsageError(f"{type(model).__name__} is a speech model: give --audio FILE.wav or "
-                         "--seq-len N (random features)")
+        raise UsageError(f"{type(model).__name__} is a speech model: give {param('audio')} "
+                         "FILE.wav or "
+                         f"{param('seq_len')} N (random features)")
     labels: list[str] = []
     if frames is not None and hop:
         seconds = 2 * hop / rate  # each encoder position covers two feature frames

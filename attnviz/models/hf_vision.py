@@ -7,6 +7,7 @@ each window's map placed back on the image grid."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,8 @@ import torch
 
 from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
+from attnviz.heads_override import LayerHeads
 from attnviz.models.hf_maps import adapt_maps
 from attnviz.models.sources import load_hf_model
 from attnviz.sequence_inputs import PreparedCall, SequenceRequest
@@ -26,8 +28,11 @@ if TYPE_CHECKING:
 WINDOWED_TYPES = ("swin", "swinv2", "donut-swin", "maskformer-swin")
 
 
-def hf_vision_figure(path: Path, ckpt: Checkpoint, options: ImageOptions
+def hf_vision_figure(path: Path, ckpt: Checkpoint, options: ImageOptions, *,
+                     heads_from: Iterable[LayerHeads] = (), reference: Sequence[str] = ()
                      ) -> tuple[Figure, AttentionMaps, str]:
+    """``reference``: the checkpoint's layer names in inspect's order, which layer indices
+    count (attnviz.image_heatmap.pick_layers)."""
     from PIL import Image
 
     from attnviz.image_heatmap import _detr_figure
@@ -37,7 +42,8 @@ def hf_vision_figure(path: Path, ckpt: Checkpoint, options: ImageOptions
     model_type = str((ckpt.config or {}).get("model_type", ""))
     detr = "detr" in model_type
     loaded = load_hf_model(path, ckpt, attn_implementation=options.attn_implementation,
-                           auto_name="AutoModelForObjectDetection" if detr else "AutoModel")
+                           auto_name="AutoModelForObjectDetection" if detr else "AutoModel",
+                           heads_from=heads_from)
     request = SequenceRequest(text=options.text, tokens=options.tokens, image=options.image)
     prepared = prepare_hf(loaded, request)
     if "pixel_values" not in prepared.inputs:
@@ -60,12 +66,13 @@ def hf_vision_figure(path: Path, ckpt: Checkpoint, options: ImageOptions
         labels = getattr(loaded.model.config, "id2label", {}) or {}
         names = [str(labels.get(i, f"class {i}")) for i in range(out.logits.shape[-1])]
         figure = _detr_figure(maps, out.logits, out.pred_boxes, (fh, fw), pixels,
-                              (image.height, image.width), names, options)
+                              (image.height, image.width), names, options, reference=reference)
         description = f"{name} from {path.name}: feature map {fh}x{fw}"
     elif model_type in WINDOWED_TYPES:
-        figure, description = _windowed(loaded.model, maps, pixels, options, path)
+        figure, description = _windowed(loaded.model, maps, pixels, options, path, reference)
     else:
-        figure, description = _vit_like(loaded.model, maps, prepared, pixels, options, path)
+        figure, description = _vit_like(loaded.model, maps, prepared, pixels, options, path,
+                                        reference)
     figure.notes = [*notes, *figure.notes]
     figure.prepared = prepared
     return figure, maps, f"{description} ({loaded.attn_implementation} attention)"
@@ -79,7 +86,8 @@ def _vision_names(model: Any, maps: AttentionMaps) -> list[str]:
 
 
 def _vit_like(model: Any, maps: AttentionMaps, prepared: PreparedCall, pixels: np.ndarray,
-              options: ImageOptions, path: Path) -> tuple[Figure, str]:
+              options: ImageOptions, path: Path, reference: Sequence[str] = ()
+              ) -> tuple[Figure, str]:
     from attnviz.image_heatmap import _vit_figure
 
     config = getattr(model.config, "vision_config", None) or model.config
@@ -93,7 +101,8 @@ def _vit_like(model: Any, maps: AttentionMaps, prepared: PreparedCall, pixels: n
         raise UsageError(f"maps of {tokens} tokens do not fit a {grid[0]}x{grid[1]} patch "
                          f"grid (patch {patch}): this model's attention is not over image "
                          "patches plus prefix tokens", path=path)
-    figure = _vit_figure(maps, names, grid, prefix, prefix > 0, patch, pixels, options)
+    figure = _vit_figure(maps, names, grid, prefix, prefix > 0, patch, pixels, options,
+                         reference=reference)
     text = [n for n in maps if n not in names]
     if text:
         figure.notes.append(f"text tower captured too: {len(text)} layers (see --save-maps "
@@ -135,26 +144,28 @@ def window_heats(maps: AttentionMaps, model: Any, names: list[str],
 
 
 def _windowed(model: Any, maps: AttentionMaps, pixels: np.ndarray, options: ImageOptions,
-              path: Path) -> tuple[Figure, str]:
-    from attnviz.heatmap import parse_selector
-    from attnviz.image_heatmap import Figure, _head_panels
+              path: Path, reference: Sequence[str] = ()) -> tuple[Figure, str]:
+    from attnviz.image_heatmap import Figure, _head_panels, pick_layers
     from attnviz.render import overlay
+    from attnviz.selectors import select_heads
 
     if options.view == "rollout":
-        raise UsageError("--view rollout needs global attention; this model's attention is "
-                         "windowed (Swin): use --view overlay", path=path)
+        raise UsageError(f"{param('view')} rollout needs global attention; this model's "
+                         "attention is "
+                         f"windowed (Swin): use {param('view')} overlay", path=path, param="view")
     patch = int(getattr(model.config, "patch_size", 4))
     height, width = pixels.shape[:2]
     grid = (-(-height // patch), -(-width // patch))
     names = list(maps)
-    chosen = parse_selector(options.layer or "-1", len(names), "layer")
-    if chosen is None:
-        raise UsageError("windowed attention: stages differ in grid and heads; pick layers "
-                         "with --layer, not 'mean'")
-    heats = window_heats(maps, model, [names[i] for i in chosen], grid)
+    if options.layer is not None and options.layer.strip().lower() == "mean":
+        raise UsageError("windowed attention: stages differ in grid and heads; select layers, "
+                         "not 'mean'", param="layer")
+    chosen, _ = pick_layers(maps, names, reference, options, what="windowed layers",
+                            allow_mean=False)
+    heats = window_heats(maps, model, chosen or [], grid)
     rows = []
     for layer, stack in heats.items():
-        head_ids = parse_selector(options.head or "all", stack.shape[0], "head")
+        head_ids = select_heads(options.head or "all", stack.shape[0])
         rows.append((layer, _head_panels(stack, head_ids)))
     vmax = max(float(np.max(h)) for _, panels in rows for _, h in panels)
     width_cells = max(len(panels) for _, panels in rows)

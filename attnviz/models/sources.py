@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import UsageError
+from attnviz.errors import UsageError, param
+from attnviz.heads_override import LayerHeads, config_edits
 from attnviz.inspection import InspectReport
 from attnviz.models.hf_safety import MAX_HF_JSON_BYTES
 from attnviz.models.torch_transformer import ModelBuildError, TransformerSpec, load_transformer
@@ -40,32 +42,36 @@ class LoadedModel:
 def _factory(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise UsageError(f"--model '{spec}' is not 'package.module:factory'")
+        raise UsageError(f"{param('factory')} '{spec}' is not 'package.module:factory'",
+                         param="factory")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like uvicorn: modules beside the user resolve
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"--model: cannot import '{module_name}' ({exc})") from exc
+        raise UsageError(f"{param('factory')}: cannot import '{module_name}' ({exc})",
+                         param="factory") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise UsageError(f"--model: '{module_name}' has no callable '{attr}'")
+        raise UsageError(f"{param('factory')}: '{module_name}' has no callable '{attr}'",
+                         param="factory")
     return factory
 
 
 def load_factory_model(spec: str, checkpoint: Checkpoint, *, strict: bool) -> LoadedModel:
     model = _factory(spec)()
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--model '{spec}' returned {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"{param('factory')} '{spec}' returned {type(model).__name__}, not an "
+                         "nn.Module", param="factory")
     state = {name: checkpoint.read_tensor(name) for name in checkpoint.tensors}
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if strict and (missing or unexpected):
         raise ModelBuildError(
-            f"checkpoint does not fit --model {spec}: {len(missing)} missing keys "
+            f"checkpoint does not fit {param('factory')} {spec}: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}",
-            path=checkpoint.path, hint="fix the factory or pass --no-strict")
+            path=checkpoint.path, hint=f"fix the factory or pass {param('strict', False)}")
     model.load_state_dict(state, strict=False)
     notes = []
     if missing or unexpected:
@@ -88,9 +94,13 @@ def is_hf_directory(path: Path) -> bool:
 
 
 def load_hf_model(path: Path, checkpoint: Checkpoint | None = None, *,
-                  attn_implementation: str = "auto", auto_name: str = "AutoModel") -> LoadedModel:
+                  attn_implementation: str = "auto", auto_name: str = "AutoModel",
+                  heads_from: Iterable[LayerHeads] = ()) -> LoadedModel:
     """An HF directory through ``hf_loading`` (no custom code, config checked against the
-    weights, sdpa where the architecture has it, else eager)."""
+    weights, sdpa where the architecture has it, else eager).
+
+    ``heads_from``: resolved layers (``InspectReport.layers``); the model is built with their
+    heads overrides, or ``HeadsError`` says why config.json cannot take them."""
     from attnviz.models.hf_loading import load_model as load_hf
 
     if checkpoint is None:
@@ -99,7 +109,7 @@ def load_hf_model(path: Path, checkpoint: Checkpoint | None = None, *,
         checkpoint = load_checkpoint(path)
     shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
     parts = load_hf(path, shapes, attn_implementation=attn_implementation,
-                    auto_name=auto_name)
+                    auto_name=auto_name, edits=config_edits(heads_from))
     config = parts.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
     return LoadedModel(parts.model, "hf", f"{type(parts.model).__name__} from {path.name} "
@@ -117,7 +127,8 @@ def load_model(path: Path, checkpoint: Checkpoint, report: InspectReport, *,
         loaded.d_model = next((item.layer.embed_dim for item in report.layers), None)
         return loaded
     if is_hf_directory(path):
-        return load_hf_model(path, checkpoint, attn_implementation=attn_implementation)
+        return load_hf_model(path, checkpoint, attn_implementation=attn_implementation,
+                             heads_from=report.layers)
     model, spec = load_transformer(checkpoint, report, norm_first=norm_first,
                                    activation=activation)
     return LoadedModel(model, spec.kind, _describe(spec), d_model=spec.d_model)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import AttnvizError, HeadsError
+from attnviz.errors import AttnvizError, HeadsError, param
 from attnviz.inspection import InspectReport
 
 
@@ -51,10 +51,10 @@ def detect_transformer(checkpoint: Checkpoint, report: InspectReport) -> Transfo
     keys = set(checkpoint.tensors)
     anchor = next((k for k in checkpoint.tensors if re.search(
         r"(^|\.)layers\.0\.self_attn\.in_proj_weight$", k)), None)
-    if anchor is None:
-        raise ModelBuildError("no nn.Transformer-style 'layers.0.self_attn.in_proj_weight' key",
-                              path=checkpoint.path,
-                              hint="pass --model package.module:factory to build the model")
+    if anchor is None:  # say what the file is and what it needs instead
+        from attnviz.models.family import cannot_rebuild
+
+        raise cannot_rebuild(checkpoint, report)
     prefix = anchor[: anchor.index("layers.0.self_attn")]
     if prefix.endswith(("encoder.", "decoder.")):
         prefix = prefix[: -len("encoder.")]
@@ -78,10 +78,11 @@ def detect_transformer(checkpoint: Checkpoint, report: InspectReport) -> Transfo
              if item.layer.name.startswith(prefix) and item.layer.layout == "torch_mha"}
     if None in heads or not heads:
         raise HeadsError("number of heads unknown", path=checkpoint.path,
-                         hint="pass --heads N (or --config)")
+                         hint=f"pass {param('heads')} N (or {param('config')})")
     if len(heads) > 1:
         raise HeadsError(f"layers disagree on the number of heads: {sorted(heads)}",  # type: ignore[type-var]
-                         path=checkpoint.path, hint="nn.Transformer uses one count: --heads N")
+                         path=checkpoint.path,
+                         hint=f"nn.Transformer uses one count: {param('heads')} N")
     stack = {"encoder": (enc or bare, 0), "decoder": (0, dec or bare),
              "transformer": (enc, dec)}[kind]
     return TransformerSpec(
@@ -141,7 +142,8 @@ def adopt_state(model: nn.Module, state: dict[str, torch.Tensor], path: object) 
     if missing:
         raise ModelBuildError(f"the rebuilt model needs {len(missing)} tensors the file lacks, "
                               f"e.g. '{missing[0]}'", path=str(path),
-                              hint="pass --model package.module:factory for other models")
+                              hint=f"pass {param('factory')} package.module:factory for other "
+                                   "models")
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in wanted.items()}, strict=True,
                           assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import HeadsError
+from attnviz.errors import HeadsError, param
 from attnviz.inspection import InspectReport
 from attnviz.models.torch_transformer import ModelBuildError, adopt_state
 
@@ -52,7 +52,8 @@ def detect_vit(checkpoint: Checkpoint, report: InspectReport) -> ViTSpec:
     missing = [k for k in needed if k not in t]
     if missing:
         raise ModelBuildError(f"not a timm-layout ViT: no '{missing[0]}'", path=checkpoint.path,
-                              hint="pass --model package.module:factory for other models")
+                              hint=f"pass {param('factory')} package.module:factory for other "
+                                   "models")
     dim, channels, patch, patch_w = t["patch_embed.proj.weight"].shape
     if patch != patch_w:
         raise ModelBuildError(f"non-square patches {patch}x{patch_w} are not supported",
@@ -62,7 +63,7 @@ def detect_vit(checkpoint: Checkpoint, report: InspectReport) -> ViTSpec:
     if None in heads or len(heads) != 1:
         raise HeadsError("number of heads unknown" if None in heads or not heads else
                          f"blocks disagree on heads: {sorted(h or 0 for h in heads)}",
-                         path=checkpoint.path, hint="pass --heads N")
+                         path=checkpoint.path, hint=f"pass {param('heads')} N")
     has_cls, has_dist = "cls_token" in t, "dist_token" in t
     registers = t["reg_token"].shape[1] if "reg_token" in t else 0
     prefix = int(has_cls) + int(has_dist) + registers

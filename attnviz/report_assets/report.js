@@ -1,6 +1,8 @@
 // attnviz report: draws the maps carried in #attnviz-data. No network, no libraries.
 // body[data-ready] turns "1" once every image is drawn; body[data-heads] counts head thumbnails,
-// body[data-errors] counts script errors (the browser test reads these).
+// body[data-errors] counts script errors; body[data-map-scale] and [data-overlay-scale] say
+// which colour scale is drawn, and each colour bar carries data-high (the browser tests read
+// these).
 (function () {
   "use strict";
   const body = document.body;
@@ -71,9 +73,99 @@
     return node;
   }
 
+  // A row label that may wrap only after '.', '/', ':' or a space (layer names are
+  // one long "word"); a part still wider than the label shrinks the font (see fitNames).
+  function nameLabel(text) {
+    const node = el("div", "name");
+    node.title = text;
+    for (const part of text.split(/(?<=[./: ])/)) {
+      node.appendChild(document.createTextNode(part));
+      node.appendChild(document.createElement("wbr"));
+    }
+    return node;
+  }
+
+  function fitNames() {
+    document.querySelectorAll(".grid-row .name").forEach((node) => {
+      let size = parseFloat(getComputedStyle(node).fontSize);
+      while (node.scrollWidth > node.clientWidth + 1 && size > 7) {
+        size -= 0.5;
+        node.style.fontSize = size + "px";
+      }
+    });
+  }
+
+  // grey g of a map stored against `from` drawn on a scale whose top is `to`: lut[g * from / to]
+  function rescaled(lut, from, to) {
+    if (!(to > 0) || from === to) return lut;
+    const out = new Array(256);
+    for (let g = 0; g < 256; g++) out[g] = lut[Math.min(255, Math.round((g * from) / to))];
+    return out;
+  }
+
+  // A horizontal colour bar: the colour map from `low` to `high`, and what the scale is.
+  function colourBar(container, lut, low, high, caption) {
+    if (!container) return;
+    container.textContent = "";
+    const canvas = el("canvas", "strip");
+    canvas.width = 256;
+    canvas.height = 1;
+    const ctx = canvas.getContext("2d");
+    const strip = ctx.createImageData(256, 1);
+    for (let i = 0; i < 256; i++) {
+      strip.data[4 * i] = lut[i][0];
+      strip.data[4 * i + 1] = lut[i][1];
+      strip.data[4 * i + 2] = lut[i][2];
+      strip.data[4 * i + 3] = 255;
+    }
+    ctx.putImageData(strip, 0, 0);
+    const ticks = el("div", "ticks");
+    ticks.appendChild(el("span", "low", low));
+    ticks.appendChild(el("span", "high", high));
+    container.appendChild(canvas);
+    container.appendChild(ticks);
+    container.appendChild(el("div", "caption", caption));
+    container.dataset.high = high;
+  }
+
   // ---- the layer x head grid -------------------------------------------------------------
   const decoded = data.maps.map((layer) => layer.heads.map(() => null));
+  const thumbs = data.maps.map((layer) => layer.heads.map(() => null));
   let drawnHeads = 0;
+  // "head": each map from 0 to its own maximum; "shared": every map from 0 to the largest
+  let mapScale = "head";
+  let sharedMax = 0;
+  data.maps.forEach((layer) => layer.heads.forEach((head) => {
+    if (head.max > sharedMax) sharedMax = head.max;
+  }));
+
+  function scaleTop(head) {
+    return mapScale === "shared" ? sharedMax : head.max;
+  }
+
+  function headLut(head) {
+    return rescaled(data.lut.map, head.max, scaleTop(head));
+  }
+
+  function drawGridBar() {
+    if (mapScale === "shared") {
+      colourBar(document.getElementById("grid-bar"), data.lut.map, "0",
+        sharedMax.toPrecision(3), "attention probability, one scale for every head");
+    } else {
+      colourBar(document.getElementById("grid-bar"), data.lut.map, "0", "max",
+        "each head from 0 to its own maximum (hover a head for it)");
+    }
+  }
+
+  function setMapScale(value) {
+    mapScale = value === "shared" ? "shared" : "head";
+    body.dataset.mapScale = mapScale;
+    data.maps.forEach((layer, l) => layer.heads.forEach((head, h) => {
+      if (decoded[l][h] && thumbs[l][h]) paint(thumbs[l][h], decoded[l][h], headLut(head), true);
+    }));
+    drawGridBar();
+    if (current) openDetail(current.l, current.h);
+  }
 
   async function drawGrid() {
     const grid = document.getElementById("grid");
@@ -81,10 +173,11 @@
     const jobs = [];
     data.maps.forEach((layer, l) => {
       const row = el("div", "grid-row");
-      row.appendChild(el("div", "name", layer.name));
+      row.appendChild(nameLabel(layer.name));
       layer.heads.forEach((head, h) => {
         const cell = el("div", "head-cell");
         const canvas = el("canvas", "thumb");
+        thumbs[l][h] = canvas;
         canvas.title = layer.name + " · head " + h + " · max " + head.max.toPrecision(3);
         canvas.dataset.layer = String(l);
         canvas.dataset.head = String(h);
@@ -94,7 +187,7 @@
         row.appendChild(cell);
         jobs.push(decode(head.png).then((map) => {
           decoded[l][h] = map;
-          paint(canvas, map, data.lut.map, true);
+          paint(canvas, map, headLut(head), true);
           drawnHeads += 1;
         }));
       });
@@ -102,6 +195,10 @@
     });
     await Promise.all(jobs);
     body.dataset.heads = String(drawnHeads);
+    body.dataset.mapScale = mapScale;
+    drawGridBar();
+    const select = document.getElementById("map-scale");
+    if (select) select.addEventListener("change", () => setMapScale(select.value));
   }
 
   // ---- one head, enlarged, with its tokens ---------------------------------------------------
@@ -188,7 +285,10 @@
     current = { l: l, h: h };
     const map = decoded[l][h];
     const head = layer.heads[h];
-    if (map) paint(big, map, data.lut.map, true);
+    if (map) paint(big, map, headLut(head), true);
+    colourBar(document.getElementById("detail-bar"), data.lut.map, "0",
+      scaleTop(head).toPrecision(3), "attention probability · " + (mapScale === "shared"
+        ? "one scale for every head" : "this head from 0 to its maximum"));
     const scale = Math.min(560 / Math.max(map ? map.w : 1, map ? map.h : 1), 1e6);
     big.style.height = map ? Math.round(map.h * scale) + "px" : "";
     big.style.width = map ? Math.round(map.w * scale) + "px" : "";
@@ -207,13 +307,19 @@
     detail.dataset.open = "L" + l + "H" + h;
     detail.dataset.queries = String(qSpans.length);
     detail.dataset.keys = String(kSpans.length);
-    if (location.hash !== "#L" + l + "H" + h) history.replaceState(null, "", "#L" + l + "H" + h);
+    if (location.hash !== "#L" + l + "H" + h) setAddress("#L" + l + "H" + h);
+  }
+
+  // a sandboxed frame (the notebook view) has an opaque origin, where replaceState throws:
+  // the shareable #L2H5 address is a convenience, never worth a script error
+  function setAddress(address) {
+    try { history.replaceState(null, "", address); } catch (error) { /* no address bar */ }
   }
 
   function closeDetail() {
     detail.hidden = true;
     current = null;
-    history.replaceState(null, "", location.pathname + location.search);
+    setAddress(location.pathname + location.search);
   }
 
   function step(delta) {
@@ -266,6 +372,43 @@
 
   // ---- image overlays -----------------------------------------------------------------------
   const overlays = [];
+  // "shared": every panel from 0 to the largest value of any panel; "panel": each its own
+  let overlayScale = "shared";
+  let overlayMax = 0;
+
+  function topGrey(map) {
+    let top = 0;
+    for (let i = 0; i < map.grey.length; i++) if (map.grey[i] > top) top = map.grey[i];
+    return top;
+  }
+
+  function overlayHeat(entry) {
+    const stored = entry.cell.heat.max;
+    const own = (topGrey(entry.map) / 255) * stored;
+    const top = overlayScale === "shared" ? overlayMax : own;
+    return colour(entry.map, rescaled(data.lut.overlay, stored, top), false);
+  }
+
+  function drawOverlayBar() {
+    if (overlayScale === "shared") {
+      colourBar(document.getElementById("overlay-bar"), data.lut.overlay, "0",
+        overlayMax.toPrecision(3), "attention, one scale for every panel");
+    } else {
+      colourBar(document.getElementById("overlay-bar"), data.lut.overlay, "0", "max",
+        "each panel from 0 to its own maximum");
+    }
+  }
+
+  function setOverlayScale(value, alpha) {
+    overlayScale = value === "panel" ? "panel" : "shared";
+    body.dataset.overlayScale = overlayScale;
+    overlays.forEach((entry) => {
+      if (!entry.map) return;
+      entry.heat = overlayHeat(entry);
+      drawOverlay(entry, alpha);
+    });
+    drawOverlayBar();
+  }
 
   function drawOverlay(entry, alpha) {
     const { canvas, image, heat, cell, vision, row } = entry;
@@ -319,8 +462,7 @@
     const jobs = [];
     vision.rows.forEach((row, rowIndex) => {
       const line = el("div", "grid-row");
-      line.appendChild(el("div", "name", row.length ? row[row.length - 1].title.split(" · ")[0]
-        : ""));
+      line.appendChild(nameLabel(row.length ? row[row.length - 1].title.split(" · ")[0] : ""));
       row.forEach((cell) => {
         const box = el("div", "head-cell");
         const canvas = el("canvas", "overlay");
@@ -331,13 +473,13 @@
         box.appendChild(canvas);
         box.appendChild(el("div", "overlay-title", cell.title.split(" · ").pop()));
         line.appendChild(box);
-        const entry = { canvas: canvas, image: image, heat: null, cell: cell, vision: vision,
-          row: rowIndex };
+        const entry = { canvas: canvas, image: image, heat: null, map: null, cell: cell,
+          vision: vision, row: rowIndex };
         overlays.push(entry);
         if (cell.heat) {
           jobs.push(decode(cell.heat.png).then((map) => {
-            entry.heat = colour(map, data.lut.overlay, false);
-            drawOverlay(entry, data.alpha);
+            entry.map = map;
+            overlayMax = Math.max(overlayMax, (topGrey(map) / 255) * cell.heat.max);
           }));
         } else {
           drawOverlay(entry, data.alpha);
@@ -346,14 +488,21 @@
       grid.appendChild(line);
     });
     await Promise.all(jobs);
-    body.dataset.overlays = String(overlays.length);
     const slider = document.getElementById("alpha");
+    setOverlayScale(overlayScale, data.alpha); // the shared top is known once all are decoded
+    body.dataset.overlays = String(overlays.length);
     slider.addEventListener("input", () => {
       overlays.forEach((entry) => drawOverlay(entry, Number(slider.value)));
     });
+    const select = document.getElementById("overlay-scale");
+    if (select) {
+      select.addEventListener("change", () => setOverlayScale(select.value,
+        Number(slider.value)));
+    }
   }
 
   Promise.all([drawGrid(), drawOverlays()]).then(() => {
+    fitNames();
     openFromHash();
     body.dataset.ready = "1";
   }).catch((error) => fail(String(error)));

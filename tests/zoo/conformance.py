@@ -100,7 +100,9 @@ def check_bare(directory: Path, bare: Path, report: InspectReport) -> str:
     ``attention.q_proj`` once loaded): the geometry must agree, the names may not."""
     with_config = inspect_checkpoint(bare, config=directory / "config.json")
     assert sorted(g[1:] for g in geometry(with_config)) == sorted(g[1:] for g in geometry(report))
-    renamed = [i.layer.name for i in with_config.layers] != [i.layer.name for i in report.layers]
+    # the same names, maybe listed in another order (a text-sorted file is listed naturally)
+    renamed = sorted(i.layer.name for i in with_config.layers) != sorted(
+        i.layer.name for i in report.layers)
     return "same geometry, renamed" if renamed else "same"
 
 

@@ -1,0 +1,117 @@
+"""Per-head statistics: planted heads get exactly their values; tiles change nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnviz.head_stats import Diagonal, HeadStatistics
+from attnviz.tiling import Tile
+
+
+def _feed(stats: HeadStatistics, maps: torch.Tensor, key_tile: int, row_tile: int) -> None:
+    batch, heads, length, source = maps.shape
+    stats.begin("layer", (batch, heads, length, source))
+    for r0 in range(0, length, row_tile):
+        rows = torch.arange(r0, min(length, r0 + row_tile))
+        for k0 in range(0, source, key_tile):
+            k1 = min(source, k0 + key_tile)
+            stats.add("layer", Tile(rows, k0, k1, maps[:, :, rows, k0:k1]))
+    stats.end("layer")
+
+
+def _planted(length: int) -> torch.Tensor:
+    """(1, 4, L, L): previous-token, first-token, self and uniform-causal heads."""
+    maps = torch.zeros(1, 4, length, length)
+    for i in range(length):
+        maps[0, 0, i, max(0, i - 1)] = 1.0
+        maps[0, 1, i, 0] = 1.0
+        maps[0, 2, i, i] = 1.0
+        maps[0, 3, i, :i + 1] = 1.0 / (i + 1)
+    return maps
+
+
+@pytest.mark.parametrize(("key_tile", "row_tile"), [(64, 64), (3, 2), (1, 5)])
+def test_planted_heads(key_tile: int, row_tile: int) -> None:
+    stats = HeadStatistics(window=1)
+    _feed(stats, _planted(12), key_tile, row_tile)
+    v = stats.layers["layer"].values
+    torch.testing.assert_close(v["previous"], torch.tensor([1.0, 1 / 11, 0.0,
+                                                            v["previous"][3].item()]))
+    assert v["first"][1] == 1.0 and v["self"][2] == 1.0
+    assert v["entropy_bits"][0] == 0.0 and v["entropy_norm"][3] == pytest.approx(1.0, abs=1e-6)
+    assert v["sharp"].tolist() == [1.0, 1.0, 1.0, pytest.approx(1 / 12)]  # row 0 only
+    assert v["distance"][2] == 0.0 and v["distance"][1] == pytest.approx(sum(range(12)) / 12)
+    assert v["local"][0] == 1.0 and v["local"][2] == 1.0
+
+
+def test_statistics_match_their_definitions_on_random_maps() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 9, 9, generator=gen, dtype=torch.float64)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), -math.inf)
+    maps = torch.softmax(scores, dim=-1)
+    stats = HeadStatistics(window=2, prefix=3)
+    _feed(stats, maps, 4, 3)
+    v = stats.layers["layer"].values
+    i = torch.arange(9)
+    logp = torch.where(maps > 0, maps * torch.log2(maps.clamp(min=1e-300)), 0.0)
+    entropy = -logp.sum(-1)  # (B, H, L)
+    seen = (maps > 0).sum(-1).double()
+    norm = torch.where(seen > 1, entropy / torch.log2(seen), 0.0)
+    distance = (maps * (i[None, :] - i[:, None]).abs()).sum(-1)
+    expected = {
+        "entropy_bits": entropy.mean(dim=(0, 2)),
+        "entropy_norm": norm[..., 1:].mean(dim=(0, 2)),  # row 0 sees one key only
+        "prefix": maps[..., :3].sum(-1).mean(dim=(0, 2)),
+        "previous": maps[..., i[1:], i[1:] - 1].mean(dim=(0, 2)),
+        "self": maps[..., i, i].mean(dim=(0, 2)),
+        "local": (maps * ((i[None, :] - i[:, None]).abs() <= 2)).sum(-1).mean(dim=(0, 2)),
+        "distance": distance.mean(dim=(0, 2)),
+        "sharp": (maps.amax(-1) > 0.5).double().mean(dim=(0, 2)),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(v[name], value.float(), msg=name)
+
+
+def test_cross_attention_has_no_positional_statistics_and_nan_rows_are_skipped() -> None:
+    maps = torch.full((1, 2, 3, 5), 0.2)
+    maps[0, :, 1] = float("nan")  # a row that may attend to nothing
+    stats = HeadStatistics()
+    _feed(stats, maps, 2, 2)
+    layer = stats.layers["layer"]
+    assert not layer.self_attention and layer.rows == 2
+    assert torch.isnan(layer.values["previous"]).all()
+    torch.testing.assert_close(layer.values["entropy_norm"], torch.ones(2))
+    torch.testing.assert_close(layer.values["first"], torch.full((2,), 0.2))
+
+
+def test_probe_diagonals_score_an_induction_head() -> None:
+    """A repeated block of 5 tokens from position 1; head 0 attends to the token after the earlier
+    copy (induction), head 1 to the earlier copy (duplicate), head 2 to the first token."""
+    length, block, start = 11, 5, 1
+    maps = torch.zeros(1, 3, length, length)
+    maps[0, :, :, 0] = 1.0
+    for i in range(start + block, start + 2 * block):
+        maps[0, 0, i] = 0.0
+        maps[0, 0, i, i - block + 1] = 1.0
+        maps[0, 1, i] = 0.0
+        maps[0, 1, i, i - block] = 1.0
+    probes = {"induction": Diagonal(-(block - 1), start + block, start + 2 * block),
+              "duplicate": Diagonal(-block, start + block, start + 2 * block)}
+    stats = HeadStatistics(probes=probes)
+    _feed(stats, maps, 4, 3)
+    v = stats.layers["layer"].values
+    assert v["induction"].tolist() == [1.0, 0.0, 0.0]
+    assert v["duplicate"].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_planted_heads_get_exactly_their_roles() -> None:
+    from attnviz.head_roles import assign_roles
+
+    stats = HeadStatistics(window=1)
+    _feed(stats, _planted(32), 8, 8)
+    roles = assign_roles(stats.layers["layer"].values)
+    assert [r.top for r in roles] == ["previous-token", "sink", "self", "broad"]
+    assert [set(r.held) for r in roles] == [{"previous-token"}, {"sink"}, {"self"}, {"broad"}]
