@@ -94,7 +94,8 @@ def detr_queries(texts: list[str] | None) -> list[int] | None:
     for text in texts or ():
         for start, stop in parse_query_rows(text):
             if start < 0 or stop < 0:
-                raise UsageError(f"--query '{text}': DETR queries are indices 0, 1, ...")
+                raise UsageError(f"--query '{text}': DETR queries are indices, each an integer "
+                                 ">= 0 (there is no last query in a set)")
             chosen += range(start, stop + 1)
     return chosen or None
 
