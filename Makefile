@@ -42,8 +42,9 @@ browser:
 
 # includes tests/test_wheel.py: the wheel in a fresh venv, `attnviz demo` from an empty folder
 # (a few minutes; ATTNVIZ_SKIP_WHEEL=1 skips it outside CI)
+# one pytest worker per core (tests/conftest.py gives each worker's torch one thread)
 test: lint typecheck browser
-	ATTNVIZ_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
+	ATTNVIZ_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -n auto --dist loadgroup
 
 samples: install
 	$(PY) scripts/make_samples.py

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,10 +26,12 @@ from attnviz.query_rows import query_rows
 from attnviz.reducers import MapReducer, PooledMaps, QueryRows, Reducers, reduce_maps
 from attnviz.selectors import order_like, parse, select, select_heads
 from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare
+from attnviz.window import WindowMaps, parse_window
 
 VIEWS = ("auto", "matrix", "grid")
 SCALES = ("shared", "panel")
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
+Labels = Callable[[str, int, int], tuple[list[str], list[str]]]  # (layer, Lq, Lk) -> tokens
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class HeatmapOptions:
     cmap: str = "viridis"
     pool: str = "max"  # how maps larger than their pixels are reduced: max or mean
     query: str | None = None  # rows to draw as strips over every key (attnviz.query_rows)
+    window: str | None = None  # a query/key range at full resolution (attnviz.window)
 
 
 @dataclass
@@ -195,13 +198,19 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
                          param="query")
     if options.pool not in POOL_MODES:
         raise UsageError(f"'{options.pool}': use {' or '.join(POOL_MODES)}", param="pool")
+    if options.query is not None and options.window is not None:
+        raise UsageError(f"{param('window')} zooms into maps, {param('query')} draws strips: "
+                         "pass one", param="window")
+    window = None if options.window is None else parse_window(options.window)
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force, reads=request_files(request))
     report = analyse(ckpt, heads, layout=layout)
     cells = stream_cells(report)
-    pooled: PooledMaps | QueryRows = PooledMaps(cells, cells, mode=options.pool)
+    pooled: PooledMaps | QueryRows | WindowMaps = PooledMaps(cells, cells, mode=options.pool)
     if options.query is not None:
         pooled = QueryRows(query_rows(options.query))
+    elif window is not None:  # only the window's rows are computed, cut to its keys
+        pooled = WindowMaps(window, cells, options.pool)
     with contextlib.ExitStack() as stack:
         writer = None
         if maps_path is not None:  # full maps go to disk layer by layer as they are captured
@@ -215,9 +224,15 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
             writer.finish(maps_metadata(maps, prepared, loaded.description))
     maps = replace(maps, maps=pooled.maps)
     if isinstance(pooled, QueryRows):
-        return _query_strips(maps, pooled, prepared, loaded, report, output, options,
-                             maps_path)
+        from attnviz.heatmap_strips import query_strips
+
+        return query_strips(maps, pooled, prepared, loaded, report, output, options, maps_path)
     panels = select_panels(maps, options, [item.layer.name for item in report.layers])
+    shapes, source_note = maps.shapes, ""
+    labels: Labels = prepared.labels_for
+    if isinstance(pooled, WindowMaps):
+        shapes, labels = _window_view(pooled, maps, panels, prepared)
+        source_note = pooled.window.describe()
     rows = panels.rows
     view = options.view
     if view == "auto":
@@ -231,8 +246,9 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
         options = replace(options, title=sequence_title(
             view, panels.layers, panels.order, panels.col_titles,
             shared=options.scale == "shared", model=model_label(loaded.description, path),
-            source=sequence_input(request, prepared)))
-    notes = _render(panels, prepared, output, view, options, maps.shapes)
+            source=" · ".join(t for t in (sequence_input(request, prepared), source_note)
+                              if t)))
+    notes = _render(panels, labels, output, view, options, shapes)
     result = HeatmapResult(output, view, panels.row_titles, panels.col_titles,
                            loaded.description,
                            notes=[*loaded.notes, *prepared.notes, *panels.notes, *notes],
@@ -241,49 +257,23 @@ def sequence_heatmap(checkpoint: str | Path, output: str | Path, request: Sequen
         result.notes.append(f"no map from {len(maps.missed)} attention module(s): "
                             f"{', '.join(maps.missed[:4])}")
     result.maps_file = maps_path
+    if isinstance(pooled, WindowMaps):
+        first = next(n for n in maps if n not in pooled.outside)
+        result.notes.insert(0, f"{pooled.window.describe()}: {shapes[first][2]}x"
+                               f"{shapes[first][3]} of the {maps.shapes[first][2]}x"
+                               f"{maps.shapes[first][3]} map, the only cells captured")
     return result
 
 
-def _query_strips(maps: AttentionMaps, rows: QueryRows, prepared: PreparedCall,
-                  loaded: LoadedModel, report: InspectReport, output: Path,
-                  options: HeatmapOptions, maps_path: Path | None) -> HeatmapResult:
-    """Chosen query rows of every chosen layer and head, as strips over every key."""
-    from attnviz.render import FORMATS
-    from attnviz.render_strips import Strip, render_strips
+def _window_view(pooled: WindowMaps, maps: AttentionMaps, panels: Panels,
+                 prepared: PreparedCall) -> tuple[dict[str, tuple[int, ...]], Labels]:
+    """The window's unpooled shapes and token labels, once the drawn layers are known."""
+    pooled.check([n for n in panels.layers if n is not None] or list(maps))
 
-    names, aliases = order_like(list(maps), [item.layer.name for item in report.layers])
-    shown = [name or "(root)" for name in names]
-    layer_ids = select(options.layer, shown,
-                       aliases=[None if a is None else a or "(root)" for a in aliases])
-    chosen = names if layer_ids is None else [names[i] for i in layer_ids]
-    strips: list[Strip] = []
-    key_labels: list[str] = []
-    for name in chosen:
-        tensor = maps[name][options.batch_index]  # (H, n, S)
-        length, source = maps.shapes[name][2:]
-        labels = prepared.labels_for(name, length, source)
-        key_labels = key_labels or labels[1]
-        head_ids = select_heads(options.head, tensor.shape[0]) or range(tensor.shape[0])
-        for head in head_ids:
-            for position, row in enumerate(rows.chosen[name]):
-                suffix = f" q{row}" if len(rows.chosen[name]) > 1 else ""
-                strips.append(Strip(name or "(root)", f"h{head}{suffix}", labels[0][row],
-                                    tensor[head, position]))
-    if len({s.values.numel() for s in strips}) > 1:
-        raise UsageError("the chosen layers have different key lengths: select layers of one "
-                         "kind", param="layer", hint="e.g. the decoder's self-attention")
-    first_labels = prepared.labels_for(chosen[0], *maps.shapes[chosen[0]][2:])[0]
-    rows_named = ", ".join(f"{r} '{first_labels[r]}'" for r in rows.chosen[chosen[0]][:4])
-    title = options.title or f"{loaded.description}: what query row {rows_named} attends to"
-    with atomic_output(output) as temp:
-        notes = render_strips(strips, key_labels, temp, FORMATS[output.suffix.lower()],
-                              title=title, pool=options.pool, cmap=options.cmap,
-                              shared_scale=options.scale == "shared")
-    layers = sorted({s.layer for s in strips}, key=[n or "(root)" for n in chosen].index)
-    return HeatmapResult(output, "strips", layers, sorted({s.head for s in strips}),
-                         loaded.description, maps_file=maps_path,
-                         notes=[*loaded.notes, *prepared.notes, *notes],
-                         warnings=override_warnings(report.layers))
+    def labels(name: str, _rows: int, _cols: int) -> tuple[list[str], list[str]]:
+        return pooled.labels(name, *prepared.labels_for(name, *maps.shapes[name][2:]))
+
+    return dict(pooled.shapes), labels
 
 
 def stream_cells(report: InspectReport, max_pixels: int = 2000) -> int:
@@ -346,8 +336,10 @@ def _is_banded(model: torch.nn.Module) -> bool:
     return is_banded(getattr(getattr(model, "config", None), "model_type", None))
 
 
-def _render(panels: Panels, prepared: PreparedCall, output: Path, view: str,
+def _render(panels: Panels, labels: Labels, output: Path, view: str,
             options: HeatmapOptions, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Draw the panels; ``shapes`` are the unpooled (B, H, Lq, Lk) of what is drawn and
+    ``labels(name, Lq, Lk)`` its token labels."""
     from attnviz import render
 
     fmt = render.FORMATS[output.suffix.lower()]
@@ -357,8 +349,9 @@ def _render(panels: Panels, prepared: PreparedCall, output: Path, view: str,
             matrix = panels.rows[0][0].float().numpy()
             title = options.title or f"{panels.row_titles[0]} · {panels.col_titles[0]}"
             layer = panels.layers[0]
-            source = shapes.get(layer or next(iter(shapes), ""), (0, 0, *matrix.shape))
-            query, key = prepared.labels_for(layer or "", *source[2:])
+            name = layer if layer is not None else next(iter(shapes), "")
+            source = shapes.get(name, (0, 0, *matrix.shape))
+            query, key = labels(name, *source[2:])
             if tuple(source[2:]) != matrix.shape:  # pooled: each cell labelled by its first token
                 query, key = block_labels(query, matrix.shape[0]), block_labels(key,
                                                                                 matrix.shape[1])

@@ -1,6 +1,9 @@
-"""``attnviz heatmap --image``: ViT and DETR rebuilt from their checkpoints, attention over the
-image (per head, head mean, rollout), DETR's per-object decoder attention and encoder
-self-attention at reference points."""
+"""``attnviz heatmap --image``: vision models rebuilt from their checkpoints (the families of
+``attnviz.models.vision_registry``: timm ViT, DINO, DINOv2, torchvision ViT, OpenAI CLIP /
+open_clip visual towers, Swin, DETR), HF vision
+directories, and any ViT-like ``--model`` factory; attention over the image (per head, head
+mean, rollout, DINO's ``--keep-mass``, registers), DETR's per-object decoder attention and
+encoder self-attention at reference points."""
 
 from __future__ import annotations
 
@@ -20,14 +23,14 @@ from attnviz.checkpoint import Checkpoint
 from attnviz.errors import UsageError, param
 from attnviz.heads_override import override_warnings
 from attnviz.heatmap import HeatmapResult, check_selectors, open_for_heatmap
-from attnviz.image_inputs import detr_image, parse_size, vit_image
+from attnviz.image_inputs import parse_size, vit_image
 from attnviz.inspection import analyse
-from attnviz.models.coco_names import COCO_NAMES
 from attnviz.models.sources import is_hf_directory
+from attnviz.models.vision_registry import BuiltVision
 from attnviz.rollout import attention_rollout
 from attnviz.selectors import listing, order_like, select_among, select_heads
 
-VIEWS = ("auto", "overlay", "rollout")
+VIEWS = ("auto", "overlay", "rollout", "registers")
 SCALES = ("shared", "panel")
 
 
@@ -52,6 +55,12 @@ class ImageOptions:
     text: str | None = None  # multi-tower HF models (CLIP): the text tower's input
     tokens: str | None = None
     attn_implementation: str = "auto"
+    keep_mass: float | None = None  # DINO's threshold: keep each map's top fraction of mass
+    prefix_tokens: int | None = None  # --model factories: tokens before the patch grid
+    grid: tuple[int, int] | None = None  # --model factories: the patch grid (rows, columns)
+    factory: str | None = None  # package.module:factory building the ViT-like model
+    strict: bool = True  # the factory's module must take every tensor and no more
+    activation: str | None = None  # CLIP towers: quick_gelu or gelu, when the file cannot say
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Figure:
     notes: list[str] = field(default_factory=list)
     prepared: Any = None  # HF models: the PreparedCall (forward kwargs, token sides)
     layers: str = ""  # which layers the figure shows, in words ("block 3 of 4")
+    scale: str | None = None  # "panel": rows measure different things, each its own scale
 
 
 def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOptions, *,
@@ -80,6 +90,9 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
                          param="view")
     if options.scale not in SCALES:
         raise UsageError(f"'{options.scale}': use {' or '.join(SCALES)}", param="scale")
+    if options.keep_mass is not None and not 0 < options.keep_mass <= 1:
+        raise UsageError(f"{param('keep_mass')} {options.keep_mass:g}: use a fraction in (0, 1]",
+                         param="keep_mass")
     check_selectors(options.layer, options.head)
     ckpt, maps_path = open_for_heatmap(path, output, save_maps, key=key, config=config,
                                        force=force, reads=[options.image])
@@ -88,7 +101,7 @@ def image_heatmap(checkpoint: str | Path, output: str | Path, options: ImageOpti
     from attnviz import render
     from attnviz.captions import image_input, image_title, model_label
 
-    shared = options.scale == "shared"
+    shared = (figure.scale or options.scale) == "shared"
     panels = figure.panels if shared else per_panel_overlays(figure, options)
     size = None if figure.image is None else (figure.image.shape[0], figure.image.shape[1])
     title = options.title or image_title(figure.title, model_label(description, path),
@@ -144,7 +157,10 @@ def is_detr(path: Path, ckpt: Checkpoint) -> bool:
     """A DETR: the official layout's query embedding and input projection, or an HF DETR."""
     if is_hf_directory(path):
         return "detr" in str((ckpt.config or {}).get("model_type", ""))
-    return "query_embed.weight" in ckpt.tensors and "input_proj.weight" in ckpt.tensors
+    from attnviz.models.vision_registry import match
+
+    found = match(ckpt.tensors)
+    return found is not None and found.record.name == "detr"
 
 
 def rollout_heat(maps: AttentionMaps, names: list[str], grid: tuple[int, int], prefix: int,
@@ -162,7 +178,31 @@ def image_figure(path: Path, ckpt: Checkpoint, report: Any, options: ImageOption
                  ) -> tuple[Figure, AttentionMaps, str]:
     """Rebuild the vision model the checkpoint holds, run it on the image under capture, and
     lay out its figure: (figure, every captured map, a one-line model description)."""
-    if is_hf_directory(path):
+    if options.factory is None and not options.strict:
+        raise UsageError(f"{param('strict', False)} only applies with {param('factory')}",
+                         param="strict")
+    if options.factory is None and (options.prefix_tokens is not None or options.grid):
+        raise UsageError(f"{param('prefix_tokens')}/{param('grid')} describe the tokens of a "
+                         f"{param('factory')} model; rebuilt families know theirs",
+                         param="prefix_tokens")
+    from attnviz.models.vision_registry import HOOK_OPTIONS, families, match, resolve, taking
+
+    # what the file cannot say, for the rebuilt families whose hooks take it: never ignored
+    hf, factory = is_hf_directory(path), options.factory is not None
+    found = None if hf or factory else match(ckpt.tensors)
+    refused = [name for name in HOOK_OPTIONS if getattr(options, name) is not None and (
+        hf or factory or (found is not None and name not in found.record.options))]
+    if refused:
+        what = found.record.short if found is not None else \
+            "an HF directory" if hf else f"a {param('factory')} model"
+        raise UsageError(f"{param(refused[0])} with {param('image')} applies to "
+                         f"{taking(refused[0])} files, not {what}", path=path,
+                         param=refused[0], hint=f"drop {param(refused[0])}")
+    if hf:
+        if factory:
+            raise UsageError(f"{param('factory')} with an HF model directory: the directory "
+                             "builds its own model; pass the weights file instead", path=path,
+                             param="factory")
         from attnviz.models.hf_vision import hf_vision_figure
 
         return hf_vision_figure(path, ckpt, options, heads_from=report.layers,
@@ -173,20 +213,49 @@ def image_figure(path: Path, ckpt: Checkpoint, report: Any, options: ImageOption
     if options.attn_implementation != "auto":
         raise UsageError(f"{param('attn_implementation')} applies to HF model directories only",
                          param="attn_implementation")
-    if is_detr(path, ckpt):
-        return _detr(ckpt, report, options)
-    if "patch_embed.proj.weight" in ckpt.tensors:
-        return _vit(ckpt, report, options)
-    from attnviz.models.family import recognise
+    if factory:
+        from attnviz.models.vision_generic import factory_figure
 
-    family = recognise(ckpt, report)
-    held = f"; this file: {family.description}" if family is not None else ""
-    raise UsageError(f"{param('image')} needs a ViT (timm layout: patch_embed, "
-                     f"blocks.N.attn.qkv) or a DETR (official layout) checkpoint{held}",
-                     path=path, param="image",
-                     hint="for sequence models use "
-                          f"{param('text')}/{param('tokens')}/{param('input_file')}/"
-                          f"{param('seq_len')}")
+        return factory_figure(ckpt, options)
+    if found is None:
+        from attnviz.models.family import recognise
+
+        family = recognise(ckpt, report)
+        held = f"; this file: {family.description}" if family is not None else ""
+        raise UsageError(f"{param('image')} needs a ViT or DETR checkpoint attnviz rebuilds "
+                         f"({families()}){held}", path=path, param="image",
+                         hint=f"a ViT-like model: pass {param('factory')} package.module:factory;"
+                              f" sequence models: {param('text')}/{param('tokens')}/"
+                              f"{param('input_file')}/{param('seq_len')}")
+    taken = {name: getattr(options, name) for name in found.record.options}
+    if found.record.run:
+        runner = resolve(found.record.run)
+        result: tuple[Figure, AttentionMaps, str] = runner(ckpt, report, options, **taken)
+        return result
+    built: BuiltVision = resolve(found.record.build)(ckpt, report, **taken)
+    return rebuilt_figure(built, options, reference_names(report))
+
+
+def rebuilt_figure(built: BuiltVision, options: ImageOptions, reference: Sequence[str] = ()
+                   ) -> tuple[Figure, AttentionMaps, str]:
+    """Run a rebuilt ViT-like model on the image under capture and draw its CLS figure."""
+    size = parse_size(options.size)
+    image = vit_image(options.image, built.native_size, size, built.patch,
+                      normalize=options.normalize, mean=built.mean, std=built.std)
+    if not built.any_size and image.pixels.shape[:2] != built.native_size:
+        native = f"{built.native_size[1]}x{built.native_size[0]}"
+        raise UsageError(f"{param('size')} {options.size}: {built.description.split(':')[0]} "
+                         f"runs only at its native size {native}", param="size",
+                         hint=f"drop {param('size')}")
+    with torch.no_grad(), capture_attention(built.model) as maps:
+        built.model(image.tensor)
+    names = [n for n in maps if n.startswith(built.blocks)]
+    grid = (image.pixels.shape[0] // built.patch, image.pixels.shape[1] // built.patch)
+    figure = _vit_figure(maps, names, grid, built.tokens.prefix, built.tokens.cls, built.patch,
+                         image.pixels, options, reference=reference,
+                         registers=built.tokens.registers, to_input=image.to_input)
+    figure.notes[:0] = built.notes
+    return figure, maps, f"{built.description}, grid {grid[0]}x{grid[1]}"
 
 
 def _span(chosen: list[int] | None, total: int, unit: str) -> str:
@@ -231,183 +300,33 @@ def _head_panels(stack: torch.Tensor, head_ids: list[int] | None) -> list[tuple[
     return [(f"head {h}", stack[h].numpy()) for h in head_ids]
 
 
-def _vit(ckpt: Checkpoint, report: Any, options: ImageOptions
-         ) -> tuple[Figure, AttentionMaps, str]:
-    from attnviz.models.vit import load_vit
-
-    model, spec = load_vit(ckpt, report)
-    image = vit_image(options.image, spec.image_size, parse_size(options.size), spec.patch,
-                      normalize=options.normalize)
-    with torch.no_grad(), capture_attention(model) as maps:
-        model(image.tensor)
-    names = [n for n in maps if n.startswith("blocks.")]
-    grid = (image.pixels.shape[0] // spec.patch, image.pixels.shape[1] // spec.patch)
-    description = (f"ViT rebuilt from the checkpoint: {spec.depth} blocks, dim {spec.dim}, "
-                   f"{spec.heads} heads, patch {spec.patch}, grid {grid[0]}x{grid[1]}")
-    figure = _vit_figure(maps, names, grid, spec.prefix_tokens, spec.has_cls, spec.patch,
-                         image.pixels, options, reference=reference_names(report))
-    return figure, maps, description
-
-
 def _vit_figure(maps: AttentionMaps, names: list[str], grid: tuple[int, int], prefix: int,
                 has_cls: bool, patch: int, image_pixels: np.ndarray, options: ImageOptions,
-                reference: Sequence[str] = ()) -> Figure:
+                reference: Sequence[str] = (), **kwargs: Any) -> Figure:
     """CLS -> patch overlays (layer x head grid) or rollout, for any ViT's captured maps
-    (``names``: the image layers; ``reference``: the checkpoint's layers, see pick_layers)."""
-    from attnviz.render import overlay
+    (``attnviz.models.vision_figures.cls_figure``)."""
+    from attnviz.models.vision_figures import cls_figure
 
-    heads = maps[names[0]].shape[1]
-
-    def cls_rows(attention: torch.Tensor) -> torch.Tensor:  # (1, H, T, T) -> (H, gh, gw)
-        rows = attention[0, :, 0, prefix:] if has_cls else attention[0, :, prefix:,
-                                                                     prefix:].mean(1)
-        return rows.reshape(rows.shape[0], *grid)
-
-    meta = {"grid": json.dumps(grid), "prefix_tokens": str(prefix),
-            "image_size": json.dumps(image_pixels.shape[:2]), "patch": str(patch)}
-    pixels = image_pixels.astype(np.float32) / 255.0
-    if options.view == "rollout":
-        heat = rollout_heat(maps, names, grid, prefix, options)
-        vmax = float(heat.max())
-        panel = overlay(image_pixels, heat, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
-        title = (f"attention rollout over {len(names)} blocks (head fusion "
-                 f"{options.head_fusion}, discard ratio {options.discard_ratio:g})")
-        return Figure([[pixels, panel]], [["image", "rollout: CLS attention"]], title, vmax,
-                      metadata=meta, heats=[[None, heat]], image=image_pixels,
-                      layers=f"all {len(names)} blocks")
-    chosen, layer_ids = pick_layers(maps, names, reference, options, what="image layers",
-                                    allow_mean=True)
-    head_ids = _heads(options, heads, "all")
-    rows: list[tuple[str, list[tuple[str, Any]]]] = []
-    if chosen is None:
-        stack = torch.stack([cls_rows(maps[n]) for n in names]).mean(dim=0)
-        rows.append((f"mean of {len(names)} blocks", _head_panels(stack, head_ids)))
-    else:
-        rows += [(name, _head_panels(cls_rows(maps[name]), head_ids)) for name in chosen]
-    vmax = max(float(np.max(h)) for _, heads in rows for _, h in heads)
-    panels = [[overlay(image_pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
-               for _, h in heads] for _, heads in rows]
-    titles = [[f"{name} · {t}" for t, _ in heads] for name, heads in rows]
-    title = "CLS attention to each patch" if has_cls else "mean attention to each patch"
-    heats: list[list[np.ndarray | None]] = [[h for _, h in heads] for _, heads in rows]
-    return Figure(panels, titles, title, vmax, metadata=meta, heats=heats, image=image_pixels,
-                  layers=_span(layer_ids, len(names), "block"))
+    return cls_figure(maps, names, grid, prefix, has_cls, patch, image_pixels, options,
+                      reference, **kwargs)
 
 
-def _class_names(ckpt: Checkpoint, classes: int) -> list[str]:
-    from attnviz.heads import settings_from
+def _detr_figure(*args: Any, **kwargs: Any) -> Figure:
+    """DETR's figures for any DETR's captured maps (``attnviz.models.vision_detr``)."""
+    from attnviz.models.vision_detr import detr_figure
 
-    for settings in settings_from(ckpt.config, ckpt.root):
-        names = settings.value("class_names")
-        if isinstance(names, list | tuple) and len(names) >= classes - 1:
-            return [str(n) for n in names]
-    if classes == 92:
-        return list(COCO_NAMES)
-    return [f"class {i}" for i in range(classes)]
+    return detr_figure(*args, **kwargs)
 
 
-def _detr(ckpt: Checkpoint, report: Any, options: ImageOptions
-          ) -> tuple[Figure, AttentionMaps, str]:
-    from attnviz.models.detr import load_detr
+def refuse_in_report(path: Path, ckpt: Checkpoint) -> None:
+    """``attnviz report --image`` for a family whose figure has no place in the report (its
+    record's ``unreported``): one line that says so and names the command that draws it."""
+    if is_hf_directory(path):
+        return
+    from attnviz.models.vision_registry import match
 
-    model, spec = load_detr(ckpt, report)
-    image = detr_image(options.image, parse_size(options.size), normalize=options.normalize)
-    with torch.no_grad(), capture_attention(model) as maps:
-        out = model(image.tensor)
-    fh, fw = out.feature_size
-    description = (f"DETR rebuilt from the checkpoint: {spec.encoder_layers}+"
-                   f"{spec.decoder_layers} layers, hidden {spec.hidden}, {spec.heads} heads, "
-                   f"{spec.queries} queries, feature map {fh}x{fw}")
-    figure = _detr_figure(maps, out.logits, out.boxes, (fh, fw), image.pixels,
-                          image.original_size, _class_names(ckpt, spec.classes), options,
-                          reference=reference_names(report))
-    return figure, maps, description
-
-
-def _detr_figure(maps: AttentionMaps, logits: torch.Tensor, pred_boxes: torch.Tensor,
-                 feature_size: tuple[int, int], image_pixels: np.ndarray,
-                 original_size: tuple[int, int], names: list[str], options: ImageOptions,
-                 reference: Sequence[str] = ()) -> Figure:
-    """The DETR paper's figure (per-query box + cross-attention) or encoder attention at
-    points, for any DETR's captured maps (rebuilt official layout or HF); ``reference``: the
-    checkpoint's layers, see pick_layers."""
-    from attnviz.render import overlay
-
-    fh, fw = feature_size
-    height, width = image_pixels.shape[:2]
-    cross_layers = [n for n in maps if n.endswith(("multihead_attn", "encoder_attn"))]
-    heads, query_count = maps[cross_layers[0]].shape[1], logits.shape[1]
-    probs = logits.softmax(-1)[0, :, :-1]  # (Q, classes): drop "no object"
-    scores, labels = probs.max(-1)
-    meta = {"feature_size": json.dumps([fh, fw]), "image_size": json.dumps([height, width]),
-            "scores": json.dumps([round(float(s), 5) for s in scores]),
-            "labels": json.dumps([int(label) for label in labels])}
-    head_ids = _heads(options, heads, "mean")
-    pixels = image_pixels.astype(np.float32) / 255.0
-
-    def to_panels(heats: list[tuple[str, Any]], vmax: float) -> list[np.ndarray]:
-        return [overlay(image_pixels, h, vmax=vmax, alpha=options.alpha, smooth=options.smooth)
-                for _, h in heats]
-
-    if options.points:
-        layers = [n for n in maps if ".encoder." in n]
-        picked, chosen = pick_layers(maps, layers, reference, options, allow_mean=False,
-                                     what="encoder self-attention layers",
-                                     one="reference points show one encoder layer")
-        assert picked is not None and chosen is not None  # ``one``: exactly one
-        attention = maps[picked[0]][0]  # (H, hw, hw)
-        rows, points = [], []
-        for x, y in options.points:
-            sx = x * width / original_size[1]  # original pixels -> model input pixels
-            sy = y * height / original_size[0]
-            if not (0 <= sx < width and 0 <= sy < height):
-                raise UsageError(f"{param('points')} {x:g},{y:g} is outside the {original_size[1]}"
-                                 f"x{original_size[0]} image", param="points")
-            cell = int(sy * fh / height) * fw + int(sx * fw / width)
-            rows.append((f"({x:g},{y:g})", _head_panels(attention[:, cell].reshape(-1, fh, fw),
-                                                        head_ids)))
-            points.append((sx, sy))
-        vmax = max(float(np.max(h)) for _, heats in rows for _, h in heats)
-        panels = [to_panels(heats, vmax) for _, heats in rows]
-        titles = [[f"{layers[chosen[0]]} at {p} · {t}" for t, _ in heats] for p, heats in rows]
-        return Figure(panels, titles, "encoder self-attention at reference points", vmax,
-                      points=tuple((p,) for p in points), metadata=meta,
-                      heats=[[h for _, h in heats] for _, heats in rows], image=image_pixels,
-                      layers=_span(chosen, len(layers), "encoder layer"))
-
-    layers = cross_layers
-    picked, chosen = pick_layers(maps, layers, reference, options, allow_mean=False,
-                                 what="decoder cross-attention layers",
-                                 one="DETR figures show one decoder cross-attention layer")
-    assert picked is not None and chosen is not None  # ``one``: exactly one
-    attention = maps[picked[0]][0]  # (H, Q, hw)
-    queries = list(options.queries)
-    if any(not 0 <= q < query_count for q in queries):
-        raise UsageError(f"{param('queries')} must be in 0..{query_count - 1}", param="queries")
-    note = ""
-    if not queries:
-        order = scores.argsort(descending=True).tolist()
-        queries = [q for q in order if scores[q] >= options.threshold][:options.top_k]
-        if not queries:
-            queries, note = order[:options.top_k], (f" (no query scores >= "
-                                                     f"{options.threshold:g}: top {options.top_k})")
-    per_query = [(q, _head_panels(attention[:, q].reshape(-1, fh, fw), head_ids))
-                 for q in queries]
-    vmax = max(float(np.max(h)) for _, heats in per_query for _, h in heats)
-    panels, titles = [], []
-    boxes: list[list[tuple[tuple[float, float, float, float], str] | None]] = []
-    for q, heats in per_query:
-        cx, cy, bw, bh = pred_boxes[0, q].tolist()
-        box = ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width,
-               (cy + bh / 2) * height)
-        label = f"{names[int(labels[q])]} {float(scores[q]):.2f}"
-        panels.append([pixels, *to_panels(heats, vmax)])
-        titles.append([f"query {q}: {label}", *[f"query {q} · {t}" for t, _ in heats]])
-        row: list[tuple[tuple[float, float, float, float], str] | None] = [(box, label)]
-        boxes.append(row + [(box, "")] * len(heats))
-    meta["queries"] = json.dumps(queries)
-    title = f"{layers[chosen[0]]}: decoder cross-attention per predicted object{note}"
-    heat_rows: list[list[np.ndarray | None]] = [[None, *(h for _, h in heats)]
-                                                for _, heats in per_query]
-    return Figure(panels, titles, title, vmax, boxes=boxes, metadata=meta, heats=heat_rows,
-                  image=image_pixels, layers=_span(chosen, len(layers), "decoder layer"))
+    found = match(ckpt.tensors)
+    if found is not None and found.record.unreported:
+        raise UsageError(f"attnviz report does not draw {found.record.short} files: "
+                         f"{found.record.unreported}", path=path,
+                         hint=f"draw it with 'attnviz heatmap FILE {param('image')} IMG'")

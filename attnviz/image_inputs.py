@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,13 @@ class PreparedImage:
     pixels: np.ndarray  # (H, W, 3) uint8, what the model saw (after resize/crop)
     tensor: torch.Tensor  # (1, 3, H, W) float, normalised
     original_size: tuple[int, int]  # (H, W) of the file, after EXIF orientation
+    # original pixel (x, y) -> model input pixel: x * scale[1] - offset[1], y likewise
+    scale: tuple[float, float] = (1.0, 1.0)  # (y, x) resize factors
+    offset: tuple[int, int] = field(default=(0, 0))  # (top, left) of the centre crop
+
+    def to_input(self, x: float, y: float) -> tuple[float, float]:
+        """A pixel of the original image on the model's input (after resize and crop)."""
+        return x * self.scale[1] - self.offset[1], y * self.scale[0] - self.offset[0]
 
 
 def parse_size(text: str | None) -> tuple[int, int] | int | None:
@@ -66,17 +73,22 @@ def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC))
 
 
-def _tensor(pixels: np.ndarray, normalize: bool) -> torch.Tensor:
+def _tensor(pixels: np.ndarray, normalize: bool,
+            mean: tuple[float, float, float] | None = None,
+            std: tuple[float, float, float] | None = None) -> torch.Tensor:
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
     if normalize:
-        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[
-            :, None, None]
+        x = (x - torch.tensor(mean or IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+            std or IMAGENET_STD)[:, None, None]
     return x.unsqueeze(0)  # (1, 3, H, W)
 
 
 def vit_image(path: Path, model_size: tuple[int, int], size: tuple[int, int] | int | None,
-              patch: int, *, normalize: bool = True) -> PreparedImage:
-    """Resize (shorter side) and centre-crop to the model's size, or to ``--size``."""
+              patch: int, *, normalize: bool = True,
+              mean: tuple[float, float, float] | None = None,
+              std: tuple[float, float, float] | None = None) -> PreparedImage:
+    """Resize (shorter side) and centre-crop to the model's size, or to ``--size``
+    (normalised with ``mean``/``std``, ImageNet's by default)."""
     pixels = open_rgb(path)
     original = pixels.shape[:2]
     if isinstance(size, tuple):
@@ -92,7 +104,9 @@ def vit_image(path: Path, model_size: tuple[int, int], size: tuple[int, int] | i
     top = (resized.shape[0] - target[0]) // 2
     left = (resized.shape[1] - target[1]) // 2
     cropped = resized[top:top + target[0], left:left + target[1]]
-    return PreparedImage(cropped, _tensor(cropped, normalize), (original[0], original[1]))
+    return PreparedImage(cropped, _tensor(cropped, normalize, mean, std),
+                         (original[0], original[1]),
+                         (resized.shape[0] / height, resized.shape[1] / width), (top, left))
 
 
 def detr_image(path: Path, size: tuple[int, int] | int | None, *, normalize: bool = True,
@@ -112,4 +126,5 @@ def detr_image(path: Path, size: tuple[int, int] | int | None, *, normalize: boo
         else:
             target = (side, int(side * width / height))
     resized = _resize(pixels, target)
-    return PreparedImage(resized, _tensor(resized, normalize), (height, width))
+    return PreparedImage(resized, _tensor(resized, normalize), (height, width),
+                         (target[0] / height, target[1] / width))

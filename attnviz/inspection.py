@@ -18,6 +18,7 @@ from attnviz.heads_override import override_warnings
 from attnviz.layouts import AttentionLayer, Unrecognised, find_attention_layers
 from attnviz.layouts.context import layout_context
 from attnviz.layouts.spec import LayoutContext
+from attnviz.models.vision_registry import inferred_settings
 from attnviz.selectors import natural_order, parse, resolve
 
 JSON_SCHEMA_VERSION = 1
@@ -86,7 +87,9 @@ def analyse(checkpoint: Checkpoint, heads: Iterable[str] = (),
     # file order is model order (torch.save), unless the file sorts its keys as text
     # (safetensors): then natural order, so that 'layers.2' comes before 'layers.10'
     layers = [layers[i] for i in natural_order([layer.name for layer in layers])]
-    settings = settings_from(checkpoint.config, checkpoint.root)
+    # last: a recognised vision family's named default (DINO hub widths), reported as inferred
+    settings = settings_from(checkpoint.config, checkpoint.root) + \
+        inferred_settings(checkpoint.tensors, layers)
     reports = [
         LayerReport(layer, resolve_heads(layer, overrides=overrides, settings=settings,
                                          peers=layers), index)

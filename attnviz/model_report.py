@@ -23,8 +23,8 @@ from attnviz.report_data import (
     NormRow,
     PairLabels,
     ReportData,
-    map_layers,
 )
+from attnviz.report_long import full_maps_report
 from attnviz.text_safety import safe_str, terminal
 
 PAGE_TOKENS = 2048  # tokens listed at the top of the page (as captions does for a file)
@@ -211,8 +211,10 @@ def maps_report_data(maps: AttentionMaps, *, model: nn.Module | None = None, inp
                      tokens: Sequence[Any] | None = None,
                      target_tokens: Sequence[Any] | None = None, title: str | None = None,
                      max_tokens: int = DEFAULT_MAX_TOKENS, norms: bool = True,
-                     notes: Sequence[str] = ()) -> ReportData:
-    """The report's data for captured maps (and the model and inputs they came from)."""
+                     notes: Sequence[str] = (), pool: str = "mean",
+                     query: str | None = None) -> ReportData:
+    """The report's data for captured maps (and the model and inputs they came from);
+    ``pool`` and ``query`` as for ``attnviz.report_long`` (long maps, full-resolution rows)."""
     if not maps.maps:
         raise UsageError("these AttentionMaps hold no maps (a streamed capture keeps none)",
                          param="maps", hint="capture without reduce= to draw them")
@@ -221,16 +223,16 @@ def maps_report_data(maps: AttentionMaps, *, model: nn.Module | None = None, inp
     data = ReportData(title=title or f"attnviz report: {name}", summary=_summary(model, maps),
                       layers=_layer_rows(maps), warnings=[], max_tokens=max_tokens,
                       model=name if model is not None else None, notes=list(notes))
-    data.maps = map_layers(maps, token_labels(source, target), max_tokens=max_tokens)
+    full_maps_report(data, maps, token_labels(source, target), pool=pool, query=query)
+    from attnviz.report_atlas import whole_maps_atlas
+
+    data.atlas = whole_maps_atlas(maps.maps, model=name, source="the inputs given")
     lengths = {n for layer in data.maps for n in (layer.query_len, layer.key_len)}
     for what, names in (("tokens", source), ("target_tokens", target)):
         if names is not None and len(names) not in lengths:
             data.notes.append(f"{what}: {len(names)} given, but the maps have "
                               f"{', '.join(str(n) for n in sorted(lengths))} positions; "
                               "positions are shown instead")
-    if maps.missed:
-        data.notes.append(f"no map from {len(maps.missed)} attention module(s): "
-                          f"{', '.join(maps.missed[:4])}")
     if model is not None:
         data.inputs = _input_parts(inputs, source, target)
         if norms:
@@ -242,7 +244,8 @@ def maps_report_data(maps: AttentionMaps, *, model: nn.Module | None = None, inp
 def model_report_data(model: Any, inputs: Any, *, tokens: Sequence[Any] | None = None,
                       target_tokens: Sequence[Any] | None = None, tokenizer: Any = None,
                       title: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                      norms: bool = True) -> tuple[ReportData, AttentionMaps]:
+                      norms: bool = True, pool: str = "mean",
+                      query: str | None = None) -> tuple[ReportData, AttentionMaps]:
     """Run ``model`` on ``inputs`` under capture; the report's data and the maps.
 
     ``tokenizer`` (anything with ``convert_ids_to_tokens``) names ``input_ids`` and
@@ -254,7 +257,7 @@ def model_report_data(model: Any, inputs: Any, *, tokens: Sequence[Any] | None =
         target_tokens = tokenizer_tokens(tokenizer, inputs, "decoder_input_ids")
     data = maps_report_data(maps, model=model, inputs=inputs, tokens=tokens,
                             target_tokens=target_tokens, title=title, max_tokens=max_tokens,
-                            norms=norms, notes=notes)
+                            norms=norms, notes=notes, pool=pool, query=query)
     return data, maps
 
 

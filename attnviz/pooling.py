@@ -61,22 +61,39 @@ class BlockPool:
 
     def add(self, rows: torch.Tensor, k0: int, k1: int, block: torch.Tensor) -> None:
         """Fold ``block`` (..., len(rows), k1 - k0), the cells of query ``rows`` x keys k0:k1."""
-        block = block.to(torch.float64)
-        seen = (~torch.isnan(block)).to(torch.float64)
+        if not block.dtype.is_floating_point:
+            block = block.to(torch.float32)
         reduce = "amax" if self.mode == "max" else "sum"
-        clean = torch.nan_to_num(block, nan=float("-inf") if self.mode == "max" else 0.0)
-        lead = block.shape[:-2]
-        cols = self.col_index[k0:k1].expand(*block.shape)  # (..., tq, tk)
-        width = (*block.shape[:-1], self.cols)
         fill = float("-inf") if self.mode == "max" else 0.0
-        by_col = torch.full(width, fill, dtype=torch.float64, device=block.device).scatter_reduce(
-            -1, cols, clean, reduce=reduce, include_self=True)  # (..., tq, cols)
-        seen_col = torch.zeros(width, dtype=torch.float64, device=block.device).scatter_add(
-            -1, cols, seen)  # (..., tq, cols)
         row_ids = self.row_index[rows.to(self.row_index.device)]
+        cols = self.col_index[k0:k1].to(block.device)
+        # NaN cells (rows that may attend to nothing) are rare: only then is each cell's
+        # presence counted; otherwise every block's count is rows x columns it covers
+        # one reduction finds them: a NaN anywhere makes the sum NaN (so would +inf and -inf
+        # together, which only sends such a block down the exact path below)
+        has_nan = bool(block.sum().isnan())
+        missing = torch.isnan(block) if has_nan else None
+        if missing is not None:
+            block = block.masked_fill(missing, fill)
+        width = (*block.shape[:-1], self.cols)
+        # the column reduction runs in the tile's own dtype (max is exact in any dtype; a sum
+        # here covers one row's few hundred cells at most), the row reduction in float64
+        by_col = torch.full(width, fill, dtype=block.dtype, device=block.device).scatter_reduce(
+            -1, cols.expand(*block.shape), block, reduce=reduce, include_self=True
+        ).to(torch.float64)  # (..., tq, cols)
+        lead = block.shape[:-2]
         index = row_ids[:, None].expand(*lead, row_ids.numel(), self.cols)  # (..., tq, cols)
-        self.value.scatter_reduce_(-2, index, by_col, reduce=reduce, include_self=True)
-        self.count.scatter_add_(-2, index, seen_col)
+        self.value.scatter_reduce_(-2, index, by_col.to(self.value.device), reduce=reduce,
+                                   include_self=True)
+        if missing is not None:
+            present = (~missing).to(torch.float64)
+            seen_col = torch.zeros(width, dtype=torch.float64, device=block.device).scatter_add(
+                -1, cols.expand(*block.shape), present)  # (..., tq, cols)
+            self.count.scatter_add_(-2, index, seen_col.to(self.count.device))
+        else:
+            per_row = torch.bincount(row_ids, minlength=self.rows).to(torch.float64)  # (rows,)
+            per_col = torch.bincount(cols, minlength=self.cols).to(torch.float64)  # (cols,)
+            self.count += (per_row[:, None] * per_col[None, :]).to(self.count.device)
 
     def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(..., rows, cols): NaN where a block held no value."""

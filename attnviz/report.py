@@ -41,6 +41,9 @@ class ReportOptions:
     title: str | None = None
     norms: bool = True
     alpha: float = 0.55
+    pool: str = "mean"  # how k x k blocks of maps longer than max_tokens become one cell
+    query: str | None = None  # sequences: query rows kept at full resolution (query_rows)
+    probes: tuple[str, ...] = ()  # sequences: token probes of the head atlas (head_probes)
 
 
 @dataclass
@@ -71,8 +74,9 @@ def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageO
             data: ReportData) -> tuple[AttentionMaps, PairLabels]:
     from dataclasses import replace
 
-    from attnviz.image_heatmap import image_figure, is_detr, rollout_heat
+    from attnviz.image_heatmap import image_figure, is_detr, refuse_in_report, rollout_heat
 
+    refuse_in_report(path, ckpt)  # Swin's windows: heatmap draws them, the report does not
     if options.layer is None and not is_detr(path, ckpt):
         options = replace(options, layer="all")  # a ViT's CLS overlays for every block
     figure, maps, description = image_figure(path, ckpt, report, options)
@@ -84,6 +88,16 @@ def _vision(path: Path, ckpt: Checkpoint, report: InspectReport, options: ImageO
     data.inputs = image_parts(options, (data.vision.height, data.vision.width),
                               figure.prepared)
     meta = figure.metadata or {}
+    from attnviz.head_atlas import describe_input
+    from attnviz.report_atlas import whole_maps_atlas
+    from attnviz.sequence_inputs import PreparedCall
+
+    data.atlas = whole_maps_atlas(
+        maps.maps, [item.layer.name for item in report.layers],
+        prefix_tokens=int(meta.get("prefix_tokens", "0")),
+        prepared=figure.prepared if isinstance(figure.prepared, PreparedCall) else None,
+        model=description, checkpoint=str(path),
+        source=describe_input(SequenceRequest(image=options.image), None))
     if "grid" in meta:  # a ViT: add the rollout over every block
         grid, prefix = tuple(json.loads(meta["grid"])), int(meta["prefix_tokens"])
         names = [n for n in maps if maps[n].shape[-1] == maps[n].shape[-2]
@@ -119,6 +133,23 @@ def build_report(checkpoint: str | Path | None = None, output: str | Path | None
     if not 0.0 <= options.alpha <= 1.0:
         raise UsageError(f"{param('alpha')} {options.alpha:g}: use a value in [0, 1]",
                          param="alpha")
+    from attnviz.report_long import check_pool
+
+    check_pool(options.pool)
+    if options.query is not None:
+        from attnviz.query_rows import parse_query_rows
+
+        parse_query_rows(options.query)
+        if image is not None or (model is None and request is None):
+            raise UsageError(f"{param('query')} rows apply to a sequence input", param="query")
+    from attnviz.head_probes import parse_probes
+
+    probes = parse_probes(options.probes)
+    if probes and (image is not None or model is not None or request is None):
+        raise UsageError(f"{param('probes')} applies to a checkpoint run on a sequence input",
+                         param="probes",
+                         hint="for a probe-only atlas run the heads command with "
+                              f"{param('probes')}")
     if model is not None or checkpoint is None:
         from attnviz.model_report import model_report_data, refuse_file_options
 
@@ -129,7 +160,8 @@ def build_report(checkpoint: str | Path | None = None, output: str | Path | None
             check_output_path(output, [], force=force)
         data, _ = model_report_data(model, inputs, tokens=tokens, target_tokens=target_tokens,
                                     tokenizer=tokenizer, title=options.title,
-                                    max_tokens=options.max_tokens, norms=options.norms)
+                                    max_tokens=options.max_tokens, norms=options.norms,
+                                    pool=options.pool, query=options.query)
         return finish_report(data, output, alpha=options.alpha)
     path = Path(checkpoint)
     if image is not None:
@@ -145,34 +177,27 @@ def build_report(checkpoint: str | Path | None = None, output: str | Path | None
                       summary=summary_rows(ckpt, report),
                       layers=layer_rows(report), warnings=list(report.warnings),
                       max_tokens=options.max_tokens)
-    maps: AttentionMaps | None = None
-    labels: PairLabels = vision_labels(None)
     if image is not None:
         from dataclasses import replace
 
         if attn_implementation != "auto":
             image = replace(image, attn_implementation=attn_implementation)
         maps, labels = _vision(path, ckpt, report, image, data)
-    elif request is not None:
-        from attnviz.heatmap import capture_sequence
-
-        maps, prepared, loaded = capture_sequence(path, ckpt, report, request, factory=factory,
-                                                  strict=strict, norm_first=norm_first,
-                                                  activation=activation,
-                                                  attn_implementation=attn_implementation)
-        data.model, data.notes = loaded.description, [*loaded.notes, *prepared.notes]
-        from attnviz.captions import sequence_parts
-
-        data.inputs = sequence_parts(request, prepared)
-        labels = prepared.labels_for
-    else:
-        data.notes.append("no input given: pass --text, --tokens, --input, --seq-len or --image "
-                          "for attention maps")
-    if maps is not None:
-        data.maps = map_layers(maps, labels, max_tokens=options.max_tokens)
+        data.maps = map_layers(maps, labels, max_tokens=options.max_tokens, pool=options.pool)
         if maps.missed:
             data.notes.append(f"no map from {len(maps.missed)} attention module(s): "
                               f"{', '.join(maps.missed[:4])}")
+    elif request is not None:  # streamed: pooled as captured, never every layer's full maps
+        from attnviz.report_long import streamed_sequence
+
+        streamed_sequence(path, ckpt, report, request, data, pool=options.pool,
+                          query=options.query, factory=factory, strict=strict,
+                          norm_first=norm_first, activation=activation,
+                          attn_implementation=attn_implementation,
+                          probes=probes)
+    else:
+        data.notes.append("no input given: pass --text, --tokens, --input, --seq-len or --image "
+                          "for attention maps")
     if options.norms:
         data.norms, skipped = head_norms(ckpt, report)
         data.notes += skipped

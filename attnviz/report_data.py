@@ -25,7 +25,7 @@ import torch
 from attnviz.captions import InputPart
 from attnviz.capture import AttentionMaps
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import UsageError, param
+from attnviz.errors import UsageError
 from attnviz.inspection import InspectReport
 from attnviz.split import source_keys, split_heads
 
@@ -52,6 +52,29 @@ class MapLayer:
     heads: list[HeadMap]
     query_labels: list[str]
     key_labels: list[str]
+
+
+@dataclass(frozen=True)
+class RowHead:
+    """One head's chosen query rows over every key: an 8-bit PNG like a map's (each row scaled
+    to its own maximum), wrapped into lines of ``RowLayer.wrap`` keys, and each row's most
+    attended keys."""
+
+    png: bytes  # (queries x lines, wrap) grey + alpha, padding masked
+    maxima: list[float]  # per query: the probability its grey 255 stands for
+    top: list[list[tuple[int, str, float]]]  # per query: (key, token, probability)
+
+
+@dataclass
+class RowLayer:
+    """Full-resolution query rows of one captured module (``ReportData.maps[layer]``)."""
+
+    layer: int
+    queries: list[int]
+    query_labels: list[str]
+    keys: int
+    wrap: int
+    heads: list[RowHead]
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,9 @@ class ReportData:
     norms: list[NormRow] = field(default_factory=list)
     max_tokens: int = DEFAULT_MAX_TOKENS
     inputs: list[InputPart] = field(default_factory=list)  # shown at the top of the page
+    pool: str = "mean"  # how a k x k block of a long map becomes one stored cell
+    rows: list[RowLayer] = field(default_factory=list)  # full-resolution query rows
+    atlas: dict[str, Any] | None = None  # the `attnviz heads --json` document of the maps
 
     @property
     def head_count(self) -> int:
@@ -117,12 +143,18 @@ def _pool(matrix: FloatArray, block: int) -> FloatArray:
 
 def encode_map(matrix: FloatArray, block: int = 1, maximum: float | None = None) -> HeadMap:
     """A (rows, cols) attention map as an 8-bit grey+alpha PNG (see the module docstring)."""
-    from PIL import Image
-
     values = np.asarray(matrix, dtype=np.float64)
     masked = ~np.isfinite(values) | (values == 0)
     values = _pool(np.where(masked, 0.0, values), block)
     masked = _pool(masked.astype(np.float64), block) >= 1.0  # wholly masked blocks only
+    return encode_values(values, masked, maximum)
+
+
+def encode_values(values: FloatArray, masked: FloatArray,
+                  maximum: float | None = None) -> HeadMap:
+    """Values (rows, cols) with masked cells already 0, and the mask, as the PNG above."""
+    from PIL import Image
+
     top = float(values.max(initial=0.0)) if maximum is None else maximum
     scale = 255.0 / top if top > 0 else 0.0
     grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
@@ -143,26 +175,17 @@ def block_size(length: int, max_tokens: int) -> int:
 PairLabels = Callable[[str, int, int], tuple[list[str], list[str]]]
 
 
-def map_layers(maps: AttentionMaps, labels: PairLabels, *, max_tokens: int) -> list[MapLayer]:
-    """Every captured module's maps of batch item 0; ``labels(name, rows, cols)`` names the
-    tokens of a layer's query rows and key columns."""
-    if max_tokens < 8:
-        raise UsageError(f"{param('max_tokens')} {max_tokens}: use 8 or more", param="max_tokens")
-    layers = []
-    for name, tensor in maps.items():
-        stack = tensor[0].float().numpy()  # (H, Lq, Lk)
-        heads, query_len, key_len = stack.shape
-        block = block_size(max(query_len, key_len), max_tokens)
+def map_layers(maps: AttentionMaps, labels: PairLabels, *, max_tokens: int,
+               pool: str = "mean") -> list[MapLayer]:
+    """Every captured module's maps of batch item 0, pooled in k x k blocks (``pool``: mean
+    or max) beyond ``max_tokens``; ``labels(name, rows, cols)`` names the tokens of a layer's
+    query rows and key columns (``attnviz.report_long`` does the work, streamed or not)."""
+    from attnviz.reducers import reduce_maps
+    from attnviz.report_long import ReportMaps
 
-        rows, cols = labels(name, query_len, key_len)
-
-        def side(names: list[str], length: int) -> list[str]:
-            return names if length <= MAX_LABELS else [str(i) for i in range(length)]
-
-        layers.append(MapLayer(name or "(root)", query_len, key_len, block,
-                               [encode_map(stack[h], block) for h in range(heads)],
-                               side(rows, query_len), side(cols, key_len)))
-    return layers
+    reducer = ReportMaps(max_tokens, pool)
+    reduce_maps(maps.maps, reducer)
+    return reducer.map_layers(labels)
 
 
 def vision_section(figure: Any) -> VisionSection:

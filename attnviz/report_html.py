@@ -52,7 +52,13 @@ def page_data(data: ReportData, *, alpha: float) -> dict[str, Any]:
                   "w": section.width, "h": section.height, "points": section.points,
                   "rows": [[{"title": cell.title, "heat": _head(cell.heat), "box": cell.box,
                              "label": cell.box_label} for cell in row] for row in section.rows]}
+    rows = [{"layer": r.layer, "queries": r.queries, "qnames": r.query_labels, "keys": r.keys,
+             "wrap": r.wrap, "heads": [{"png": _b64(h.png), "max": h.maxima, "top": h.top}
+                                       for h in r.heads]} for r in data.rows]
+    from attnviz.report_atlas import atlas_payload
+
     return {"version": __version__, "maps": maps, "labels": label_sets, "vision": vision,
+            "rows": rows, "atlas": None if data.atlas is None else atlas_payload(data.atlas),
             "alpha": alpha, "lut": {"map": colormap_lut(MAP_COLOURS),
                                     "overlay": colormap_lut(OVERLAY_COLOURS)}}
 
@@ -116,6 +122,8 @@ def render_html(data: ReportData, *, alpha: float = 0.55) -> str:
     sections = [("summary", "Summary")]
     if data.maps:
         sections.append(("attention", f"Attention ({data.head_count} heads)"))
+    if data.atlas is not None:
+        sections.append(("roles", "Head roles"))
     if data.vision is not None:
         sections.append(("overlays", "Image overlays"))
     if data.norms:
@@ -125,8 +133,14 @@ def render_html(data: ReportData, *, alpha: float = 0.55) -> str:
     storage = ("Maps are stored as 8-bit PNGs scaled to each head's maximum (values to within "
                "max/510); grey cells are masked.")
     if blocks > 1:
-        storage += (f" Maps longer than {data.max_tokens} tokens are averaged in k x k token "
-                    f"blocks (k up to {blocks}); hovering a token uses its block.")
+        how = "averaged" if data.pool == "mean" else "max-pooled"
+        storage += (f" Maps longer than {data.max_tokens} tokens are {how} in k x k token "
+                    f"blocks (k up to {blocks}; each cell the block's "
+                    f"{'mean' if data.pool == 'mean' else 'largest value'}); hovering a token "
+                    "uses its block.")
+    if data.rows:
+        storage += (" Chosen query rows are stored at full resolution over every key: open a "
+                    "head to see them as strips.")
     parts = [f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -150,6 +164,11 @@ a head to enlarge it and explore its tokens. {esc(storage)}</p>
 <option value="head" selected>each head from 0 to its own maximum</option>
 <option value="shared">one scale for every head</option></select></label>
 <div class="colorbar" id="grid-bar"></div></div><div id="grid"></div></section>""")
+    if data.atlas is not None:
+        from attnviz.report_atlas import atlas_section
+
+        parts.append(atlas_section(data.atlas, {layer.name: i for i, layer in
+                                                enumerate(data.maps)}))
     if data.vision is not None:
         parts.append(f"""<section id="overlays"><h2>Image overlays</h2>
 <p class="help">{esc(data.vision.title)}. Opacity
@@ -174,12 +193,16 @@ enlarge it.</p>
 </span><button id="next" title="next head (→)">→</button><button id="close" title="close (Esc)">
 ×</button></div><div class="body"><div class="left"><canvas id="big"></canvas>
 <div class="colorbar" id="detail-bar"></div>
-<p id="readout">hover the map or a token</p></div><div class="tokens"><div><h4>queries</h4>
+<p id="readout">hover the map or a token</p><div id="head-roles" hidden></div>
+<div id="rows" hidden></div></div>
+<div class="tokens"><div><h4>queries</h4>
 <div id="qtokens"></div></div><div><h4>keys</h4><div id="ktokens"></div></div></div></div>
 </div></div>
 <footer>attnviz {esc(__version__)} · self-contained: no network access ·
 {esc(storage)}</footer>
 <script id="attnviz-data" type="application/json">{payload}</script>
-<script>{_asset("report.js")}</script></body></html>
+<script>{_asset("report_rows.js")}
+{_asset("report_atlas.js")}
+{_asset("report.js")}</script></body></html>
 """)
     return "\n".join(parts)

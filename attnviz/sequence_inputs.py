@@ -150,7 +150,7 @@ def prepare(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
                          "provides",
                          hint=f"use {param('tokens')}, {param('input_file')} or "
                               f"{param('seq_len')}", param="text")
-    if loaded.kind == "factory":
+    if loaded.kind in ("factory", "lens"):  # token ids, or embeddings of the model's width
         return _prepare_factory(loaded, request)
     if request.tokens is not None:
         raise UsageError(f"{param('tokens')} needs a model with an embedding layer; nn.Transformer "

@@ -139,6 +139,11 @@ def _linear(tensor: Array, transposed: bool) -> Array:
     return tensor.T if transposed and len(tensor.shape) == 2 else tensor
 
 
+def _head_rows(tensor: Array) -> Array:
+    heads, width, d = tensor.shape
+    return _Ops(tensor).permute(tensor, (0, 2, 1)).reshape(heads * d, width)  # (H*d, in)
+
+
 @dataclass(frozen=True)
 class RowOrder:
     """SHARDED packings: model-parallel blocks and the order of q, k, v inside each."""
@@ -230,6 +235,8 @@ def split_heads(layer: AttentionLayer, heads: HeadsInfo,
     keys, blocks = layer.keys, row_order(layer)
     if layer.packing is Packing.SEPARATE:
         wq, wk, wv = (tensors[keys[r]] for r in ("q", "k", "v"))
+    elif layer.packing is Packing.PER_HEAD:  # TransformerLens: each head stored (in, d)
+        wq, wk, wv = (_head_rows(tensors[keys[r]]) for r in ("q", "k", "v"))  # (H*d, in)
     elif layer.packing is Packing.KV_FUSED:
         wq = _linear(tensors[keys["q"]], layer.transposed)  # (H*d, E)
         kv = _linear(tensors[keys["kv"]], layer.transposed)  # (2*Hkv*d, kdim)
@@ -249,8 +256,9 @@ def split_heads(layer: AttentionLayer, heads: HeadsInfo,
         biases = [tensors[keys[r]] if r in keys else None for r in ("q_bias", "k_bias", "v_bias")]
     o = o_bias = None
     if "out" in keys and keys["out"] in tensors:  # absent when the caller skips the out projection
-        wo = _linear(tensors[keys["out"]], layer.transposed)  # (E_out, H*d)
-        o = _Ops(wo).permute(wo.reshape(wo.shape[0], num_heads, d), (1, 0, 2))  # (H, E_out, d)
+        wo = _linear(tensors[keys["out"]], layer.transposed)  # (E_out, H*d); per head (H, d, E)
+        o = _Ops(wo).permute(wo, (0, 2, 1)) if layer.packing is Packing.PER_HEAD else \
+            _Ops(wo).permute(wo.reshape(wo.shape[0], num_heads, d), (1, 0, 2))  # (H, E_out, d)
         o_bias = tensors.get(keys["out_bias"]) if "out_bias" in keys else None
     return HeadWeights(
         layer=layer, num_heads=num_heads, num_kv_heads=kv_heads, head_dim=d,
@@ -276,6 +284,9 @@ def merge_heads(hw: HeadWeights) -> dict[str, Array]:
     ops, blocks = _Ops(hw.q), row_order(layer)
     if layer.packing is Packing.SEPARATE:
         out.update({keys["q"]: wq, keys["k"]: wk, keys["v"]: wv})
+    elif layer.packing is Packing.PER_HEAD:  # back to (H, in, d) per head
+        out.update({keys[r]: ops.permute(w, (0, 2, 1)) for r, w in zip("qkv", (hw.q, hw.k, hw.v),
+                                                                         strict=True)})
     elif layer.packing is Packing.KV_FUSED:
         out[keys["q"]] = _linear(wq, layer.transposed)
         out[keys["kv"]] = _linear(ops.cat([wk, wv]), layer.transposed)  # (2*Hkv*d, kdim)
@@ -296,10 +307,14 @@ def merge_heads(hw: HeadWeights) -> dict[str, Array]:
             bq, bk, bv = parts
             out[keys["qkv_bias"]] = pack_rows(bq, bk, bv, layer.packing, heads, kv_heads, d,
                                               blocks)
+    if layer.packing is Packing.PER_HEAD:  # biases stay (H, d)
+        flat = [hw.q_bias, hw.k_bias, hw.v_bias]
     for role, bias in zip(("q_bias", "k_bias", "v_bias"), flat, strict=True):
         if role in keys and bias is not None:
             out[keys[role]] = bias
-    if "out" in keys and hw.o is not None:
+    if "out" in keys and hw.o is not None and layer.packing is Packing.PER_HEAD:
+        out[keys["out"]] = ops.permute(hw.o, (0, 2, 1))  # (H, d, E_out)
+    elif "out" in keys and hw.o is not None:
         wo = ops.permute(hw.o, (1, 0, 2)).reshape(hw.o.shape[1], heads * d)  # (E_out, H*d)
         out[keys["out"]] = _linear(wo, layer.transposed)
     if "out_bias" in keys and hw.o_bias is not None:

@@ -64,7 +64,9 @@ def sdpa_problem(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor
         query = query.reshape(-1, *query.shape[-3:])  # (B', H, L, d)
     if key.dim() > 4:
         key = key.reshape(-1, *key.shape[-3:])  # (B', Hk, S, d)
-    if key.shape[-3] != query.shape[-3] and not enable_gqa:
+    # one key head broadcasts over every query head (multi-query attention, as Falcon calls
+    # SDPA); other counts differ only under enable_gqa
+    if key.shape[-3] not in (1, query.shape[-3]) and not enable_gqa:
         raise ValueError("key heads differ from query heads without enable_gqa")
     factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     masks = () if attn_mask is None else (_as_4d(attn_mask),)
@@ -87,20 +89,28 @@ def _rows_of(mask: torch.Tensor, rows: torch.Tensor, k0: int, k1: int) -> torch.
 def block_scores(problem: AttentionProblem, rows: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     """Scores (B, H, len(rows), k1 - k0) with masks applied, in float32 or wider."""
     dtype = problem.dtype
-    q = problem.query.index_select(-2, rows).to(dtype)  # (B, H, tq, d)
+    # the scale goes on q (tq x d values) rather than on the (tq x tk) scores; masks are
+    # applied in place: each score block is the largest tensor a streamed capture makes
+    q = problem.query.index_select(-2, rows).to(dtype) * problem.scale  # (B, H, tq, d)
     k = problem.key[..., k0:k1, :].to(dtype)  # (B, Hk, tk, d)
     group = problem.query.shape[-3] // problem.key.shape[-3]
     if group > 1:
         k = k.repeat_interleave(group, dim=-3)  # (B, H, tk, d)
-    scores = (q @ k.transpose(-2, -1)) * problem.scale  # (B, H, tq, tk)
+    scores = q @ k.transpose(-2, -1)  # (B, H, tq, tk)
     if problem.causal:  # top-left aligned, as SDPA's is_causal
         keys = torch.arange(k0, k1, device=rows.device)
         allowed = rows.to(keys.device)[:, None] >= keys[None, :]  # (tq, tk)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores.masked_fill_(~allowed, float("-inf"))
     for mask in problem.masks:
         part = _rows_of(mask, rows.to(mask.device), k0, k1)
-        scores = (scores.masked_fill(~part, float("-inf")) if part.dtype == torch.bool
-                  else scores + part.to(dtype))
+        if any(size not in (1, full) for size, full in zip(part.shape, scores.shape, strict=True)):
+            # a mask with more batch entries than q broadcasts the output: not in place
+            scores = (scores.masked_fill(~part, float("-inf")) if part.dtype == torch.bool
+                      else scores + part.to(dtype))
+        elif part.dtype == torch.bool:
+            scores.masked_fill_(~part, float("-inf"))
+        else:
+            scores.add_(part.to(dtype))
     return scores
 
 
@@ -191,7 +201,7 @@ def attention_tiles(problem: AttentionProblem, *, rows: Sequence[int] | None = N
         lse = row_logsumexp(problem, block, k_tile)[..., None]  # (B, H, tq, 1)
         for k0 in range(0, source, k_tile):
             k1 = min(k0 + k_tile, source)
-            yield Tile(block, k0, k1, torch.exp(block_scores(problem, block, k0, k1) - lse))
+            yield Tile(block, k0, k1, block_scores(problem, block, k0, k1).sub_(lse).exp_())
 
 
 def dense_probabilities(problem: AttentionProblem, *, query_tile: int | None = None,

@@ -103,6 +103,13 @@ def _sdpa_reference(layer: AttentionLayer, hw: HeadWeights, source: Mapping[str,
             bias = source[keys[f"{role}_bias"]] if f"{role}_bias" in keys else None
             return F.linear(x, source[keys[role]], bias)
         q, k, v = proj("q", query), proj("k", key), proj("v", value)  # (B, L|S, rows)
+    elif layer.packing is Packing.PER_HEAD:  # TransformerLens: x @ W_Q[h] + b_Q[h]
+        def per_head(role: str, x: torch.Tensor) -> torch.Tensor:
+            out = torch.einsum("ble,hed->blhd", x, source[keys[role]])  # (B, L, H, d)
+            if f"{role}_bias" in keys:
+                out = out + source[keys[f"{role}_bias"]]
+            return out.flatten(2)  # (B, L, H*d)
+        q, k, v = per_head("q", query), per_head("k", key), per_head("v", value)
     elif layer.packing is Packing.KV_FUSED:  # GPT-2 cross-attention: split(E, dim=2) of k|v
         q = _project(query, source[keys["q"]], source.get(keys.get("q_bias", "")),
                      layer.transposed)  # (B, L, H*d)
@@ -142,7 +149,9 @@ def _sdpa_reference(layer: AttentionLayer, hw: HeadWeights, source: Mapping[str,
     merged = attn.transpose(1, 2).reshape(batch, length, heads * d)  # (B, L, H*d)
     if "out" in keys and hw.o is not None:
         out_bias = source[keys["out_bias"]] if "out_bias" in keys else None
-        merged = _project(merged, source[keys["out"]], out_bias, layer.transposed)
+        weight = source[keys["out"]]  # TransformerLens: (H, d, E_out) -> (H*d, E_out)
+        weight = weight.flatten(0, 1) if layer.packing is Packing.PER_HEAD else weight
+        merged = _project(merged, weight, out_bias, layer.transposed)
     return merged, weights
 
 
@@ -165,7 +174,7 @@ def verify_split(hw: HeadWeights, source: Mapping[str, torch.Tensor], *, seed: i
     source64 = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in source.items()}
     hw64 = _float64(hw)
     query = torch.randn(batch, length, layer.embed_dim, generator=generator, dtype=torch.float64)
-    if layer.packing in (Packing.SEPARATE, Packing.KV_FUSED):  # a cross-attention check
+    if layer.packing in (Packing.SEPARATE, Packing.KV_FUSED, Packing.PER_HEAD):  # cross-attention
         key = torch.randn(batch, source_length, layer.kdim, generator=generator,
                           dtype=torch.float64)
         value = key if layer.packing is Packing.KV_FUSED else torch.randn(  # k|v read one input

@@ -243,8 +243,7 @@ def bench_case(label: str, ckpt_path: Path, image_path: Path, out_dir: Path, rep
 
     ckpt, report, model, spec = load()
     image = preprocess(spec)
-    build_figure = ih._detr if is_detr else ih._vit
-    figure, maps, description = build_figure(ckpt, report, options)  # what heatmap renders
+    figure, maps, description = ih.image_figure(ckpt_path, ckpt, report, options)  # as heatmap
     rows, cols = len(figure.panels), len(figure.panels[0])
     ph, pw = figure.panels[0][0].shape[:2]
     heat_out, render_out = out_dir / f"{ckpt_path.stem}.png", out_dir / f"{ckpt_path.stem}_r.png"

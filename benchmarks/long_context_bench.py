@@ -33,6 +33,7 @@ from pathlib import Path
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 512, 8, 8, 2, 32000
 GB = 1024 ** 3
+BLOCK_MIB = 64  # attnviz.tiling.DEFAULT_BLOCK_VALUES float32 values
 GRID_CELL = 160  # pixels per grid cell, what the streamed capture pools to
 
 CHILD_CAPTURE = """
@@ -117,6 +118,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--cap-gb", type=float, default=16.0)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--only", nargs="+", metavar="WORD",
+                        help="run only the commands whose name holds one of these words "
+                             "(e.g. --only query report eager)")
     parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_into:
@@ -127,8 +131,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "llama"
         subprocess.run([sys.executable, __file__, "--build-into", str(model)], check=True)
+        weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         print(f"LLaMA hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads ({KV_HEADS} kv), "
-              f"random weights; this process's own peak RSS "
+              f"random weights ({weights / 2**20:.0f} MiB); one layer's streamed work: a "
+              f"score block and its probabilities, 2 x {BLOCK_MIB} MiB at most; "
+              f"this process's own peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; "
               f"caps {args.cap_gb:g} GiB, {args.timeout:g} s\n")
         print(f"{'tokens':>6}  {'command':<34} {'status':<10} {'wall s':>7} {'peak GiB':>9} "
@@ -157,6 +164,8 @@ def main() -> None:
             }
             baseline: float | None = None
             for name, cmd in commands.items():
+                if args.only and not any(word in name for word in args.only):
+                    continue
                 status, wall, peak = run(cmd, cap, args.timeout)
                 if name.startswith("capture alone") and status == "ok" and baseline is None:
                     baseline = wall  # the full capture, or the streamed one where that died

@@ -41,14 +41,15 @@ RAMP_COLOURS = 64  # palette entries kept for the colour bar's ramp
 
 @dataclass(frozen=True)
 class Shot:
-    """One gallery image: ``attnviz heatmap ARGS -o NAME``. ``ramp`` names the colour map of
-    the figure's colour bar when the figure also holds a photograph (image overlays): its
-    ramp gets reserved palette entries, or quantising the photograph's thousands of colours
-    would band the colour bar."""
+    """One gallery image: ``attnviz COMMAND ARGS -o NAME`` (``heatmap``, or ``heads`` for a
+    head atlas). ``ramp`` names the colour map of the figure's colour bar when the figure also
+    holds a photograph (image overlays): its ramp gets reserved palette entries, or quantising
+    the photograph's thousands of colours would band the colour bar."""
 
     name: str
     args: tuple[str, ...]
     ramp: str | None = None
+    command: str = "heatmap"  # or "heads": the head atlas figure (docs/heads.md shows it)
 
     @property
     def needs_minilm(self) -> bool:
@@ -74,6 +75,9 @@ SHOTS: tuple[Shot, ...] = (
                           "--title", "sample ViT: CLS attention, block x head"), ramp="inferno"),
     Shot("vit_rollout.png", (VIT, "--image", DEMO, "--view", "rollout",
                              "--discard-ratio", "0.5"), ramp="inferno"),
+    Shot("vit_keep_mass.png", (VIT, "--image", DEMO_2, "--keep-mass", "0.6",
+                               "--title", "sample ViT, last block: each head's top 60% of CLS "
+                               "attention (DINO's figure)"), ramp="inferno"),
     Shot("detr_objects.png", (DETR, "--image", DEMO, "--size", "128", "--top-k", "2",
                               "--threshold", "0.3"), ramp="inferno"),
     Shot("detr_encoder_point.png", (DETR, "--image", DEMO, "--size", "128", "--point", "64,64",
@@ -81,6 +85,10 @@ SHOTS: tuple[Shot, ...] = (
     Shot("transformer_grid.png", (SAMPLES + "transformer_d64_h4.pth", "--heads", "4",
                                   "--seq-len", "12", "--causal",
                                   "--title", "nn.Transformer sample (random weights), causal")),
+    Shot("induction_heads.png", (SAMPLES + "induction_2l.safetensors", "--probe",
+                                 "induction,duplicate", "--title", "trained 2-layer "
+                                 "attention-only sample: head roles on the probe"),
+         command="heads"),
 )
 NAMES = tuple(shot.name for shot in SHOTS)
 
@@ -97,13 +105,13 @@ def _shell_word(word: str) -> str:
 
 def command(shot: Shot) -> str:
     """The shell line docs/gallery.md shows for this image (run by tests/test_docs.py)."""
-    return " ".join(["attnviz", "heatmap", *map(_shell_word, shot.args), "-o", shot.name])
+    return " ".join(["attnviz", shot.command, *map(_shell_word, shot.args), "-o", shot.name])
 
 
 def doc_command(shot: Shot, width: int = 96) -> str:
     """``command(shot)`` as docs/gallery.md shows it: wrapped with backslash continuations
     between options (an option stays on the line of its value)."""
-    groups: list[list[str]] = [["attnviz", "heatmap", _shell_word(shot.args[0])]]
+    groups: list[list[str]] = [["attnviz", shot.command, _shell_word(shot.args[0])]]
     for word in [*shot.args[1:], "-o", shot.name]:
         if word.startswith("-") and not word.lstrip("-").replace(".", "").isdigit():
             groups.append([])
@@ -133,7 +141,7 @@ def render(shot: Shot, output: Path, minilm: str | None) -> None:
 
     args = [minilm if a == MINILM and minilm else
             str(ROOT / a) if a.startswith(SAMPLES) else a for a in shot.args]
-    result = CliRunner().invoke(app, ["heatmap", *args, "-o", str(output), "--force"])
+    result = CliRunner().invoke(app, [shot.command, *args, "-o", str(output), "--force"])
     if result.exit_code != 0:
         raise SystemExit(f"{command(shot)} failed (exit {result.exit_code}):\n{result.output}"
                          + (f"\n{result.exception!r}" if result.exception else ""))

@@ -43,6 +43,15 @@ def save(tmp_path: Path) -> SaveFn:
     return _save
 
 
+def pytest_configure(config: Any) -> None:
+    """Under pytest-xdist each worker is one process per core: one torch thread each, so that
+    two workers do not fight over the same cores."""
+    import os
+
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -108,6 +108,18 @@ def _separate(names: tuple[str, str, str, str], prefix: str, out_prefix: str | N
     return build
 
 
+def transformer_lens(h: int, _kv: int, d: int, _k: int, _v: int,
+                     bias: bool) -> tuple[dict[str, torch.Tensor], str]:
+    e = h * d
+    sd = {f"blocks.0.attn.W_{n}": torch.randn(h, e, d) for n in "QKV"}  # per head (in, out)
+    sd["blocks.0.attn.W_O"] = torch.randn(h, d, e)
+    sd["blocks.0.attn.mask"] = torch.tril(torch.ones(4, 4)).bool()
+    if bias:
+        sd.update({f"blocks.0.attn.b_{n}": torch.randn(h, d) for n in "QKV"})
+        sd["blocks.0.attn.b_O"] = torch.randn(e)
+    return sd, "blocks.0.attn"
+
+
 def _blocked(h: int, kv: int, d: int) -> int:
     return (h + 2 * kv) * d
 
@@ -143,6 +155,7 @@ BUILDERS: dict[str, Builder] = {
                                              "encoder.blocks.0.attn", no_k_bias=True),
     "meta_llama_wq": _separate(("wq", "wk", "wv", "wo"), "layers.0.attention"),
     "t5_qkvo": _separate(("q", "k", "v", "o"), "encoder.block.0.layer.0.SelfAttention"),
+    "transformer_lens": transformer_lens,
 }
 # Layouts whose stored form can hold fewer key/value heads than query heads.
 GQA_LAYOUTS = {"fused_qkv_proj(phi3)", "falcon_grouped", "internlm2_wqkv", "hf_q_proj",

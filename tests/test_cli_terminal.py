@@ -239,8 +239,8 @@ def test_help_shows_value_names_not_python_types(name: str) -> None:
 def test_help_groups_options_in_panels(name: str) -> None:
     _, out, _ = invoke(name, "--help", columns=120)
     panels = re.findall(r"╭─ ([^─]+?) ─", out)
-    wanted = {"heatmap": ["Input", "Model", "View", "Image views (ViT, DETR)", "Output"],
-              "report": ["Input", "Model", "View", "Image views (ViT, DETR)", "Output"],
+    wanted = {"heatmap": ["Input", "Model", "View", "Image views (ViT-like, DETR)", "Output"],
+              "report": ["Input", "Model", "View", "Image views (ViT-like, DETR)", "Output"],
               "split-qkv": ["Model", "Output"], "inspect": ["Model", "Output"]}[name]
     assert [p for p in panels if p in wanted] == wanted, panels
     assert panels[-1] == "Global options"

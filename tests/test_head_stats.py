@@ -115,3 +115,57 @@ def test_planted_heads_get_exactly_their_roles() -> None:
     roles = assign_roles(stats.layers["layer"].values)
     assert [r.top for r in roles] == ["previous-token", "sink", "self", "broad"]
     assert [set(r.held) for r in roles] == [{"previous-token"}, {"sink"}, {"self"}, {"broad"}]
+
+
+def _random_maps(seed: int, length: int, batch: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, 3, length, length, generator=gen, dtype=torch.float64)
+    causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(causal, -math.inf), dim=-1)
+
+
+def test_two_inputs_fed_to_one_reducer_make_one_mean() -> None:
+    first, second = _random_maps(1, 7), _random_maps(2, 7)
+    merged, together = HeadStatistics(), HeadStatistics()
+    _feed(merged, first, 3, 2)
+    _feed(merged, second, 5, 4)
+    _feed(together, torch.cat([first, second]), 7, 7)  # (2, H, L, L): one batch of both
+    assert merged.layers["layer"].rows == together.layers["layer"].rows == 14
+    for name, value in together.layers["layer"].values.items():
+        torch.testing.assert_close(merged.layers["layer"].values[name], value, msg=name)
+    # inputs of different lengths: each row counts once
+    short = _random_maps(3, 4)
+    _feed(merged, short, 4, 4)
+    rows = [first[0, :, i, i] for i in range(7)] + [second[0, :, i, i] for i in range(7)] + \
+        [short[0, :, i, i] for i in range(4)]
+    torch.testing.assert_close(merged.layers["layer"].values["self"],
+                               torch.stack(rows).mean(0).float())
+
+
+def test_prefix_mass_of_any_count_and_undefined_statistics_are_nan() -> None:
+    maps = _random_maps(4, 9)
+    stats = HeadStatistics(prefix=3)
+    _feed(stats, maps, 2, 3)
+    layer = stats.layers["layer"]
+    for count in (1, 3, 5):
+        torch.testing.assert_close(layer.prefix_mass(count),
+                                   maps[..., :count].sum(-1).mean(dim=(0, 2)).float())
+    torch.testing.assert_close(layer.values["prefix"], layer.prefix_mass(3))
+    with pytest.raises(ValueError, match="prefix 17 exceeds the 16 keys kept"):
+        layer.prefix_mass(17)
+    one = HeadStatistics(probes={"induction": Diagonal(-4, 20, 30)})
+    _feed(one, torch.ones(1, 2, 1, 1), 1, 1)  # a one-token input: no previous or next token
+    values = one.layers["layer"].values
+    assert torch.isnan(values["previous"]).all() and torch.isnan(values["next"]).all()
+    assert torch.isnan(values["induction"]).all()  # the probe's rows are not in this input
+    assert values["self"].tolist() == [1.0, 1.0]
+
+
+def test_a_square_cross_attention_is_marked_after_the_capture() -> None:
+    stats = HeadStatistics()
+    _feed(stats, _random_maps(5, 6), 6, 6)
+    layer = stats.layers["layer"]
+    assert layer.self_attention and not torch.isnan(layer.values["previous"]).any()
+    cross = layer.as_cross()
+    assert not cross.self_attention and torch.isnan(cross.values["distance"]).all()
+    torch.testing.assert_close(cross.values["entropy_bits"], layer.values["entropy_bits"])

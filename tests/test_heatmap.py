@@ -272,7 +272,7 @@ def test_options_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
         (["--seq-len", "4", "--top-k", "2", "--alpha", "0.3"],
          "--top-k, --alpha do not apply without --image"),
         (["--image", str(image), "--causal"], "--causal does not apply to --image"),
-        (["--image", str(image), "--model", "m:f"], "--model does not apply to --image"),
+        (["--image", str(image), "--pad", "1"], "--pad does not apply to --image"),
         (["--tokens", "1,2", "--model", "m:f", "--pad", "1"],
          "--pad does not apply to a --model factory"),
     ]

@@ -3,7 +3,7 @@ a one-line error (exit 2) or a correct result, within the budget of 1 GB peak me
 
 Each case runs through the fuzz worker (tests/fuzz_worker.py): a forked child per input whose
 own peak resident memory (``wait4``) and time are measured, and which is killed as a hang past
-the worker's timeout (20 s by default, well inside the budget). The files are tiny; what they
+the worker's timeout (45 s by default, inside the budget). The files are tiny; what they
 declare is not.
 """
 

@@ -48,7 +48,6 @@ import re
 import shutil
 import struct
 import sys
-import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +56,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from typer.testing import CliRunner
 
 import attnviz.limits
@@ -262,23 +260,6 @@ def _two_data_pkl(tmp_path: Path) -> Path:
     base = _torch_file(tmp_path)
     return _rewrite_zip(base, tmp_path / "two.pth", rename=lambda n: "a/" + n.split("/", 1)[1],
                         extra={"b/data.pkl": _data_pkl(base)})
-
-
-class _TinyScripted(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x) + 1
-
-
-def _torchscript(tmp_path: Path) -> Path:
-    path = tmp_path / "scripted.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script/save (2.13+)
-        torch.jit.save(torch.jit.script(_TinyScripted()), str(path))
-    return path
 
 
 def _deflated_storage(tmp_path: Path) -> Path:
@@ -501,8 +482,6 @@ CASES: list[Case] = [
          CorruptCheckpointError, r"broken zip container"),
     Case("zip-two-data-pkl", _two_data_pkl, CorruptCheckpointError,
          r"zip holds 2 data\.pkl records: \['a/data\.pkl', 'b/data\.pkl'\]"),
-    Case("torchscript-archive", _torchscript, UnsupportedCheckpointError,
-         r"TorchScript archive.*torch\.save\(model\.state_dict\(\)"),
     Case("storage-record-deflated", _deflated_storage, UnsupportedCheckpointError,
          r"storage record 'data/0' is compressed"),
     Case("storage-record-sizes-beyond-file", _storage_size_beyond_file, CorruptCheckpointError,

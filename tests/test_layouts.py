@@ -349,6 +349,24 @@ def test_unrecognised_attention_tensors_are_listed_not_dropped(save: SaveFn) -> 
     assert "no attention layers recognised" in report.warnings
 
 
+def test_transformer_lens_heads_come_from_the_shapes(save: SaveFn) -> None:
+    sd: dict[str, torch.Tensor] = {"embed.W_E": torch.randn(10, 32)}
+    for index in range(2):  # HookedTransformer: per-head (in, out), mask buffer beside them
+        p = f"blocks.{index}.attn."
+        sd.update({f"{p}W_{n}": torch.randn(4, 32, 8) for n in "QKV"})
+        sd.update({f"{p}b_{n}": torch.randn(4, 8) for n in "QKV"})
+        sd[f"{p}W_O"], sd[f"{p}b_O"] = torch.randn(4, 8, 32), torch.randn(32)
+        sd[f"{p}mask"] = torch.tril(torch.ones(6, 6)).bool()
+    path = save(sd)
+    report = inspect_checkpoint(path)
+    check(report, {f"blocks.{i}.attn": ("transformer_lens", 32, 32, 32, 4, 4, 8) for i in (0, 1)})
+    layer = by_name(report)["blocks.0.attn"]
+    assert layer.heads.source == "shape of blocks.0.attn.W_Q"
+    assert layer.layer.keys["causal_mask_buffer"] == "blocks.0.attn.mask"
+    with pytest.raises(HeadsError, match="contradicts"):
+        inspect_checkpoint(path, heads=["2"])
+
+
 def test_every_registered_layout_is_tested() -> None:
     names = {spec.name for spec in LAYOUTS}
     assert len(names) == len(LAYOUTS), "layout names must be unique"

@@ -173,6 +173,10 @@ def hostile_report() -> ReportData:
     data.vision = VisionSection(HOSTILE, buffer.getvalue(), 8, 8,
                                 [[OverlayCell(HOSTILE, None),
                                   OverlayCell(HOSTILE, stored, (1, 1, 5, 5), HOSTILE)]])
+    from attnviz.report_atlas import whole_maps_atlas
+
+    data.atlas = whole_maps_atlas({HOSTILE: torch.full((1, 2, 3, 3), 1 / 3)}, model=HOSTILE,
+                                  checkpoint=HOSTILE, source=HOSTILE)  # uniform: local, broad
     return data
 
 
@@ -248,6 +252,8 @@ def test_sequence_report_renders_every_head_in_chromium(tmp_path: Path) -> None:
     assert_clean(attributes, log)
     assert attributes["heads"] == str(heads)
     assert dom.count('class="thumb"') == heads
+    assert attributes["roles"] == str(heads)  # every thumbnail carries its head's role badge
+    assert dom.count('class="role-badge"') == heads
     # a shared link opens one head enlarged with its tokens and focuses a query
     attributes, dom, log = render(out, tmp_path, "#L1H2Q3")
     assert_clean(attributes, log)
@@ -286,6 +292,9 @@ def test_hostile_labels_stay_text_in_chromium(tmp_path: Path) -> None:
     tags = [tag for tag, _ in Elements(dom).tags]
     assert "img" not in tags and tags.count("script") == 2
     assert attributes["heads"] == "2" and attributes["overlays"] == "2"
+    assert attributes["roles"] == "2"  # the atlas matched the hostile layer name as text
+    detail = re.search(r'<div id="detail"([^>]*)>', dom)
+    assert detail is not None and 'data-roles="local,broad"' in detail.group(1)
 
 
 # ---- colour scales, colour bars and row labels, driven in Chromium -----------------------------
@@ -474,6 +483,8 @@ def test_report_rejects_bad_flags_up_front(tmp_path: Path) -> None:
          "--causal, --pad do not apply to --image"),
         (["-o", str(tmp_path / "r.html"), "--image", image, "--alpha", "2"],
          r"--alpha.*in \[0, 1\]"),
+        (["-o", str(tmp_path / "r.html"), "--image", image, "--model", "m:f"],
+         "--model does not apply to --image"),
     ]
     for flags, message in cases:
         done = runner.invoke(app, ["report", sample, *flags])
@@ -509,6 +520,14 @@ def test_demo_writes_every_kind_of_output(tmp_path: Path) -> None:
                  ".png", "_report.html"):
         assert any(n.endswith(kind) for n in names), kind
     assert {"vit_rollout.png", "detr_objects.png", "vit_report.html"} <= names
+    # heads --probe induction on the trained sample: table, JSON and atlas figure
+    assert {"induction_heads.txt", "induction_heads.json", "induction_heads.png"} <= names
+    atlas = json.loads((out / "induction_heads.json").read_text())
+    assert atlas["probe"]["probes"] == ["induction"]
+    assert [h["head"] for h in atlas["layers"][1]["heads"] if "induction" in h["roles"]]
+    assert "ind " in (out / "induction_heads.txt").read_text()
+    match = re.search(r"wrote (\d+) files", done.output)
+    assert match is not None and int(match[1]) == len(names)
     again = runner.invoke(app, ["demo", "-o", str(out), "--samples", str(SAMPLES)])
     assert again.exit_code == 2 and "pass --force" in again.output
     missing = runner.invoke(app, ["demo", "-o", str(tmp_path / "x"), "--samples",

@@ -6,17 +6,16 @@ References: eager ``output_attentions`` of the transformers module itself, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnviz.capture import capture_attention
 from attnviz.errors import UsageError
 from attnviz.pooling import pool_map
 from attnviz.reducers import FullMaps, PooledMaps, QueryRows, Reducers
+from tests.spies import LargestTensor
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,24 +70,10 @@ def test_streaming_leaves_the_model_output_bit_identical() -> None:
     assert torch.equal(plain, streamed)
 
 
-class _LargestTensor(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for item in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(item, torch.Tensor):
-                self.largest = max(self.largest, item.numel())
-        return out
-
-
 def test_no_layer_map_is_ever_built_on_the_sdpa_route() -> None:
     length, tile = 256, 16
     model = _llama("sdpa")
-    spy = _LargestTensor()
+    spy = LargestTensor()
     pooled = PooledMaps(32, 32)
     with torch.no_grad(), capture_attention(model, reduce=pooled, query_tile=tile), spy:
         model(_ids(length))

@@ -53,6 +53,17 @@ def test_plain_causal_gqa_and_scale_match_sdpa() -> None:
             torch.testing.assert_close(got, expected)
 
 
+def test_one_key_head_broadcasts_without_enable_gqa() -> None:
+    """Multi-query attention (Falcon) calls SDPA with one key head and no enable_gqa: SDPA
+    broadcasts it over the query heads, and so must the tiles."""
+    q, k = _qk(1, 4, 1, 6, 6)
+    problem = sdpa_problem(q, k, is_causal=True)
+    expected = _sdpa_oracle(q, k, causal=True)  # (1, 4, 6, 6) by broadcasting
+    for q_tile, k_tile in TILES:
+        got = dense_probabilities(problem, query_tile=q_tile, key_tile=k_tile)
+        torch.testing.assert_close(got, expected)
+
+
 def test_causal_with_more_keys_than_queries_is_top_left_aligned() -> None:
     q, k = _qk(1, 2, 2, 4, 9)
     problem = sdpa_problem(q, k, is_causal=True)

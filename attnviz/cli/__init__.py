@@ -51,7 +51,7 @@ def _debug_enabled(ctx: Any = None) -> bool:
 # library parameters whose flag is not simply ``--`` + the name with dashes
 _FLAG_FOR_PARAM = {"head": "--show-heads", "input_file": "--input", "layers": "--layer",
                    "factory": "--model", "points": "--point", "queries": "--query",
-                   "fmt": "--format", "output": "-o"}
+                   "fmt": "--format", "output": "-o", "probes": "--probe"}
 
 
 def flag_for(param: str) -> str:
@@ -347,9 +347,9 @@ def merge_qkv(
 
 
 # the other commands register themselves on ``app``
-from attnviz.cli import demo_cmd, heatmap_cmd, report_cmd  # noqa: E402
+from attnviz.cli import demo_cmd, heads_cmd, heatmap_cmd, report_cmd  # noqa: E402
 
-__all__ = ["app", "demo_cmd", "heatmap_cmd", "main", "report_cmd"]
+__all__ = ["app", "demo_cmd", "heads_cmd", "heatmap_cmd", "main", "report_cmd"]
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ CLOSED_PIPE_EXIT = 141
 GLOBAL_PANEL = "Global options"
 # --help shows the panels in this order (typer's own "Options" panel, for an option declared
 # without one, always comes first)
-PANEL_ORDER = ("Input", "Model", "View", "Image views (ViT, DETR)", "Output", GLOBAL_PANEL)
+PANEL_ORDER = ("Input", "Model", "View", "Image views (ViT-like, DETR)", "Output", GLOBAL_PANEL)
 ROOT_OPTIONS = ("debug", "quiet", "verbose")
 
 

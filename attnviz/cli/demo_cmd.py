@@ -7,7 +7,7 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,6 +18,9 @@ from attnviz.cli.command import AttnvizCommand
 from attnviz.cli.options import INPUT, OUTPUT, ForceOpt
 from attnviz.cli.state import state
 from attnviz.errors import UsageError
+
+if TYPE_CHECKING:
+    from attnviz.sequence_inputs import SequenceRequest
 
 SENTENCE = "The cat sat on the mat because it was warm."
 # sample -> heads flags (an nn.Transformer state_dict does not carry its head count)
@@ -150,11 +153,40 @@ def _picture_jobs(samples: Path, out: Path, written: list[Path]) -> list[Job]:
             sequence("minilm_layer2_head3.png", minilm, text, (), "minilm_maps.safetensors",
                      layer="2", head="3"),
             report("minilm_report.html", minilm, request=text),
+            _heads_job("minilm_heads", minilm, text, (), out, written),
         ]
     else:
-        jobs.append(report("transformer_report.html", transformer, request=causal,
-                           heads=("4",)))
+        jobs += [report("transformer_report.html", transformer, request=causal, heads=("4",)),
+                 _heads_job("transformer_heads", transformer, causal, ("4",), out, written)]
+    induction = samples / "induction_2l.safetensors"
+    if induction.is_file():  # the trained sample: its previous-token and induction heads
+        jobs.append(_heads_job("induction_heads", induction, SequenceRequest(), (), out,
+                               written, probes=("induction",)))
     return jobs
+
+
+def _heads_job(stem: str, path: Path, request: SequenceRequest, heads: tuple[str, ...],
+               out: Path, written: list[Path], probes: tuple[str, ...] = ()) -> Job:
+    """``heads``: the table (.txt), ``--json`` and the atlas figure of one model (``probes``:
+    as ``--probe``)."""
+    def run() -> None:
+        from rich.console import Console
+
+        from attnviz.cli.heads_cmd import print_atlas
+        from attnviz.head_atlas import atlas_to_json, head_atlas
+
+        figure = out / f"{stem}.png"
+        atlas = head_atlas(path, request, heads=heads, probes=probes, output=figure,
+                           force=True)
+        buffer = io.StringIO()
+        print_atlas(atlas, Console(file=buffer, width=160, highlight=False))
+        for name, text in ((f"{stem}.txt", buffer.getvalue()),
+                           (f"{stem}.json", json.dumps(atlas_to_json(atlas), indent=2,
+                                                       allow_nan=False))):
+            with atomic_output(out / name) as temp:
+                temp.write_text(text)
+        written.extend([out / f"{stem}.txt", out / f"{stem}.json", figure])
+    return f"heads {stem}", run
 
 
 @app.command(cls=AttnvizCommand)

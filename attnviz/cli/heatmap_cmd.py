@@ -23,10 +23,12 @@ from attnviz.cli.options import (
     ConfigOpt,
     DiscardOpt,
     ForceOpt,
+    GridOpt,
     HeadFusionOpt,
     HeadsOpt,
     ImageOpt,
     InputOpt,
+    KeepMassOpt,
     KeyOpt,
     LayoutOpt,
     ModelOpt,
@@ -34,6 +36,7 @@ from attnviz.cli.options import (
     NormFirstOpt,
     PadOpt,
     PointOpt,
+    PrefixTokensOpt,
     QueryOpt,
     SeedOpt,
     SeqLenOpt,
@@ -75,11 +78,20 @@ AudioOpt = Annotated[Path | None, typer.Option(
 HF_SEQUENCE_ONLY = ("tgt_tokens", "tgt_text", "audio")
 
 
+def window_text(value: str | None) -> str | None:
+    """--window is parsed before the model is built (its range is checked after)."""
+    if value is not None:
+        from attnviz.window import parse_window
+
+        parse_window(value)
+    return value
+
+
 def check_hf_inputs(ctx: typer.Context, checkpoint: Path, *, text: str | None,
                     tokens: str | None,
                     input_file: Path | None, seq_len: int | None, image: Path | None,
                     audio: Path | None, model: str | None,
-                    image_only: tuple[str, ...] = ()) -> None:
+                    image_only: tuple[str, ...] = (), image_takes: tuple[str, ...] = ()) -> None:
     """``check_inputs``, plus: --text/--tokens may come with --image (multi-tower models such
     as CLIP), --audio is an input of its own."""
     from attnviz.cli.options import one_input, reject_unused
@@ -95,7 +107,7 @@ def check_hf_inputs(ctx: typer.Context, checkpoint: Path, *, text: str | None,
         text = tokens = None  # both towers: checked by the model
     check_inputs(ctx, text=text, tokens=tokens, input_file=input_file,
                  seq_len=None if audio is not None else seq_len, image=image, model=model,
-                 image_only=image_only)
+                 image_only=image_only, image_takes=image_takes)
 
 
 @app.command(cls=AttnvizCommand)
@@ -127,6 +139,9 @@ def heatmap(
     point: PointOpt = None,
     head_fusion: HeadFusionOpt = "mean",
     discard_ratio: DiscardOpt = 0.0,
+    keep_mass: KeepMassOpt = None,
+    prefix_tokens: PrefixTokensOpt = None,
+    grid: GridOpt = None,
     alpha: AlphaOpt = 0.55,
     smooth: Annotated[bool, typer.Option("--smooth", rich_help_panel=IMAGE_VIEW,
                                          help="Bilinear instead of per-patch upsampling.")]
@@ -143,13 +158,17 @@ def heatmap(
         "--head", hidden=True, help="The old spelling of --show-heads.")] = None,
     view: Annotated[str, typer.Option(
         "--view", metavar="VIEW", rich_help_panel=VIEW, help="auto, matrix (one map with token "
-        "labels), grid (layer x head); images: overlay or rollout.")] = "auto",
+        "labels), grid (layer x head); images: overlay, rollout, registers.")] = "auto",
     scale: Annotated[str, typer.Option("--scale", metavar="shared|panel", rich_help_panel=VIEW,
                                        help="One colour scale for all panels, or one each.")]
     = "shared",
     pool: Annotated[str, typer.Option(
         "--pool", metavar="max|mean", rich_help_panel=VIEW, help="Sequences: how maps larger "
         "than their pixels are reduced (max keeps one attended token visible).")] = "max",
+    window: Annotated[str | None, typer.Option(
+        "--window", metavar="RANGE", rich_help_panel=VIEW, callback=window_text,
+        help="Sequences: zoom into positions A-B (queries and keys), or qA-B,kC-D, at full "
+        "resolution; only those cells are captured.")] = None,
     batch_index: Annotated[int, typer.Option(
         "--batch-index", metavar="I", rich_help_panel=VIEW, callback=in_range(0),
         help="Batch item to draw, I >= 0.")] = 0,
@@ -172,18 +191,24 @@ def heatmap(
     head = show_heads if show_heads is not None else head
     check_hf_inputs(ctx, checkpoint, text=text, tokens=tokens, input_file=input_file,
                     seq_len=seq_len,
-                    image=image, audio=audio, model=model)
+                    image=image, audio=audio, model=model, image_takes=("activation",))
     st = state(ctx)
     if save_maps is not None and save_maps.suffix != ".safetensors":
         raise UsageError("--save-maps writes safetensors: use a .safetensors file name")
     if image is not None:
+        from attnviz.cli.options import reject_unused, user_set
         from attnviz.image_heatmap import image_heatmap
+
+        reject_unused(ctx, ("window",), "to --image")
 
         options = image_options(image, size=size, normalize=normalize, layer=layer, head=head,
                                 view=view, top_k=top_k, threshold=threshold, query=query,
                                 point=point, head_fusion=head_fusion,
                                 discard_ratio=discard_ratio, alpha=alpha, smooth=smooth,
-                                title=title, scale=scale)
+                                title=title, scale=scale, keep_mass=keep_mass,
+                                prefix_tokens=prefix_tokens, grid=grid, factory=model,
+                                strict=strict,
+                                activation=activation if user_set(ctx, "activation") else None)
         options = replace(options, text=text, tokens=tokens,
                           attn_implementation=attn_implementation)
         with st.step("rebuilt the model, captured and rendered"):
@@ -207,7 +232,8 @@ def heatmap(
     request = replace(request, tgt_tokens=tgt_tokens, tgt_text=tgt_text, audio=audio)
     heat_options = HeatmapOptions(layer=layer or "all", head=head or "all", view=view,
                                   scale=scale, batch_index=batch_index, title=title,
-                                  pool=pool, query=",".join(query) if query else None)
+                                  pool=pool, query=",".join(query) if query else None,
+                                  window=window)
     with st.step("loaded the model, captured and rendered"):
         seq = sequence_heatmap(checkpoint, output, request, options=heat_options, factory=model,
                                strict=strict, heads=heads or (), config=config, key=key,

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from attnviz.sequence_inputs import SequenceRequest
 
 # help panels: which part of a run an option is about
-INPUT, MODEL, VIEW, IMAGE_VIEW, OUTPUT = ("Input", "Model", "View", "Image views (ViT, DETR)",
-                                          "Output")
+INPUT, MODEL, VIEW, IMAGE_VIEW, OUTPUT = ("Input", "Model", "View",
+                                          "Image views (ViT-like, DETR)", "Output")
 SEED_MAX = 2**63 - 1  # torch seeds are 64-bit; the decoder side uses seed + 1
 
 
@@ -66,6 +66,21 @@ def image_size(value: str | None) -> str | None:
         raise typer.BadParameter(f"'{value}' is not N or HxW with sides >= 1, e.g. 224 or "
                                  "480x640")
     return value
+
+
+def grid_text(value: str | None) -> str | None:
+    """--grid HxW (or N for N x N), each side at least 1 patch."""
+    if value is not None:
+        parse_grid(value)
+    return value
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)(?:\s*[x,]\s*(\d+))?\s*", text.lower())
+    if match is None or any(int(side) < 1 for side in match.groups() if side is not None):
+        raise typer.BadParameter(f"'{text}' is not HxW patches with sides >= 1, e.g. 14x14")
+    rows = int(match.group(1))
+    return rows, int(match.group(2) or rows)
 
 
 def parse_point(text: str) -> tuple[float, float]:
@@ -136,9 +151,10 @@ StrictOpt = Annotated[bool, typer.Option("--strict/--no-strict", rich_help_panel
                                          help="With --model: require an exact key match.")]
 NormFirstOpt = Annotated[bool, typer.Option("--norm-first", rich_help_panel=MODEL,
                                             help="Rebuilt nn.Transformer layers are pre-norm.")]
-ActivationOpt = Annotated[str, typer.Option("--activation", metavar="relu|gelu",
-                                            rich_help_panel=MODEL,
-                                            help="Rebuilt nn.Transformer activation.")]
+ActivationOpt = Annotated[str, typer.Option(
+    "--activation", metavar="relu|gelu|quick_gelu", rich_help_panel=MODEL,
+    help="Rebuilt nn.Transformer activation: relu or gelu; with --image, a CLIP tower's MLP: "
+    "quick_gelu or gelu (when the file does not say).")]
 
 # sequence inputs
 TextOpt = Annotated[str | None, typer.Option("--text", metavar="TEXT", rich_help_panel=INPUT,
@@ -170,14 +186,15 @@ PadOpt = Annotated[int, typer.Option("--pad", metavar="N", rich_help_panel=INPUT
 # image inputs
 ImageOpt = Annotated[Path | None, typer.Option(
     "--image", metavar="FILE", rich_help_panel=INPUT, callback=existing_file,
-    help="An image for a ViT (timm layout) or DETR (official layout) checkpoint, or an HF "
-    "vision model directory.")]
+    help="An image for a vision checkpoint (timm ViT, DINO, DINOv2, torchvision ViT, CLIP "
+    "visual tower, timm Swin, DETR), an HF vision model directory, or a ViT-like --model "
+    "factory.")]
 SizeOpt = Annotated[str | None, typer.Option(
     "--size", metavar="N|HxW", rich_help_panel=INPUT, callback=image_size,
     help="Image size: N (ViT side / DETR shorter side) or HxW.")]
 NormalizeOpt = Annotated[bool, typer.Option(
     "--normalize/--no-normalize", rich_help_panel=INPUT,
-    help="ImageNet mean/std normalisation.")]
+    help="Mean/std normalisation: ImageNet's (CLIP towers: CLIP's).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", metavar="K", rich_help_panel=IMAGE_VIEW,
                                       callback=in_range(1),
                                       help="DETR: objects to show, K >= 1.")]
@@ -190,7 +207,19 @@ QueryOpt = Annotated[list[str] | None, typer.Option(
     "(what the last token looks at); DETR: query indices (repeatable), instead of --top-k.")]
 PointOpt = Annotated[list[str] | None, typer.Option(
     "--point", metavar="X,Y", rich_help_panel=IMAGE_VIEW, callback=points,
-    help="DETR: encoder self-attention at image pixel x,y (repeatable).")]
+    help="Attention of the patch at image pixel x,y instead of CLS (Swin: over its window); "
+    "DETR: encoder self-attention there (repeatable).")]
+KeepMassOpt = Annotated[float | None, typer.Option(
+    "--keep-mass", metavar="P", rich_help_panel=IMAGE_VIEW,
+    callback=in_range(0, 1, integer=False),
+    help="ViT-like: keep each map's smallest set of patches holding fraction P of its "
+    "attention, as in the DINO paper (e.g. 0.6), P in (0, 1].")]
+PrefixTokensOpt = Annotated[int | None, typer.Option(
+    "--prefix-tokens", metavar="N", rich_help_panel=IMAGE_VIEW, callback=in_range(0),
+    help="--model with --image: tokens before the patch grid (CLS, registers), N >= 0.")]
+GridOpt = Annotated[str | None, typer.Option(
+    "--grid", metavar="HxW", rich_help_panel=IMAGE_VIEW, callback=grid_text,
+    help="--model with --image: the patch grid, rows x columns.")]
 HeadFusionOpt = Annotated[str, typer.Option(
     "--head-fusion", metavar="mean|max|min", rich_help_panel=IMAGE_VIEW,
     help="Rollout: how heads are fused.")]
@@ -234,7 +263,10 @@ def image_options(image: Path, *, size: str | None, normalize: bool, layer: str 
                   head: str | None, view: str, top_k: int, threshold: float,
                   query: list[str] | None, point: list[str] | None, head_fusion: str,
                   discard_ratio: float, alpha: float, smooth: bool = False,
-                  title: str | None = None, scale: str = "shared") -> ImageOptions:
+                  title: str | None = None, scale: str = "shared",
+                  keep_mass: float | None = None, prefix_tokens: int | None = None,
+                  grid: str | None = None, factory: str | None = None,
+                  strict: bool = True, activation: str | None = None) -> ImageOptions:
     if query and point:
         raise UsageError("--query shows decoder attention, --point encoder attention: pick one")
     from attnviz.image_heatmap import ImageOptions
@@ -244,11 +276,15 @@ def image_options(image: Path, *, size: str | None, normalize: bool, layer: str 
                         queries=tuple(detr_queries(query) or ()),
                         points=tuple(parse_point(p) for p in point or ()),
                         head_fusion=head_fusion, discard_ratio=discard_ratio, alpha=alpha,
-                        smooth=smooth, title=title, scale=scale)
+                        smooth=smooth, title=title, scale=scale, keep_mass=keep_mass,
+                        prefix_tokens=prefix_tokens,
+                        grid=parse_grid(grid) if grid is not None else None,
+                        factory=factory, strict=strict, activation=activation)
 
 
 IMAGE_ONLY = ("size", "normalize", "top_k", "threshold", "point", "head_fusion",
-              "discard_ratio", "alpha", "smooth")
+              "discard_ratio", "alpha", "smooth", "keep_mass", "prefix_tokens", "grid")
+IMAGE_FACTORY = ("model", "strict")  # heatmap draws a ViT-like --model factory's image maps
 SEQUENCE_ONLY = ("model", "strict", "pool", "causal", "pad", "seed", "batch_index", "tgt_input",
                  "tgt_seq_len", "norm_first", "activation")
 NOT_WITH_FACTORY = ("causal", "pad", "tgt_input", "tgt_seq_len", "norm_first", "activation")
@@ -256,16 +292,29 @@ NOT_WITH_FACTORY = ("causal", "pad", "tgt_input", "tgt_seq_len", "norm_first", "
 
 def check_inputs(ctx: typer.Context, *, text: str | None, tokens: str | None,
                  input_file: Path | None, seq_len: int | None, image: Path | None,
-                 model: str | None, image_only: tuple[str, ...] = ()) -> None:
-    """One input, and no flag that this input would ignore."""
+                 model: str | None, image_only: tuple[str, ...] = (),
+                 image_takes: tuple[str, ...] = ()) -> None:
+    """One input, and no flag that this input would ignore (a command that declares
+    ``--prefix-tokens`` draws images of a ``--model`` factory, so takes it with --image;
+    ``image_takes``: sequence flags the command passes on with --image, e.g. ``activation``
+    for CLIP towers)."""
     one_input(text=text, tokens=tokens, input=input_file, seq_len=seq_len, image=image)
     if image is None:
         reject_unused(ctx, (*IMAGE_ONLY, *image_only), "without --image")
     else:
-        reject_unused(ctx, SEQUENCE_ONLY, "to --image (ViT/DETR are rebuilt from the file)")
+        factories = any(p.name == "prefix_tokens" for p in ctx.command.params)
+        unused = tuple(n for n in SEQUENCE_ONLY if not (factories and n in IMAGE_FACTORY)
+                       and n not in image_takes)
+        reject_unused(ctx, unused, "to --image (vision models are rebuilt from the file)")
     if model is not None:
         reject_unused(ctx, NOT_WITH_FACTORY, "to a --model factory (it builds its own inputs' "
                       "masks)")
+
+
+def user_set(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option ``name`` (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in {"COMMANDLINE", "ENVIRONMENT"}
 
 
 def reject_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:

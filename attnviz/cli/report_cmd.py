@@ -54,6 +54,7 @@ from attnviz.cli.options import (
     image_options,
     in_range,
     sequence_request,
+    user_set,
 )
 from attnviz.cli.state import state
 from attnviz.formatting import size as human_size
@@ -98,8 +99,17 @@ def report(
         "grid always shows every layer.")] = None,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", metavar="N", rich_help_panel=VIEW, callback=in_range(MIN_MAX_TOKENS),
-        help=f"Maps longer than this are averaged in k x k token blocks to fit (keeps a "
-        f"12x12-head, 512-token report small), N >= {MIN_MAX_TOKENS}.")] = 256,
+        help=f"Maps longer than this are pooled in k x k token blocks to fit (--pool; keeps "
+        f"a 12x12-head, 512-token report small), N >= {MIN_MAX_TOKENS}.")] = 256,
+    pool: Annotated[str, typer.Option(
+        "--pool", metavar="mean|max", rich_help_panel=VIEW,
+        help="Sequences: how a k x k block of a map longer than --max-tokens becomes one cell "
+        "(max keeps one attended token visible).")] = "mean",
+    probe: Annotated[list[str] | None, typer.Option(
+        "--probe", metavar="NAMES", rich_help_panel=VIEW,
+        help="Sequences: also score the head atlas's probe roles (induction, duplicate; comma "
+        "list or repeated) on a seeded repeated block of random tokens, as attnviz heads "
+        "--probe does.")] = None,
     norms: Annotated[bool, typer.Option("--norms/--no-norms", rich_help_panel=VIEW,
                                         help="Per-head weight norms (reads the attention "
                                         "weights).")] = True,
@@ -116,16 +126,19 @@ def report(
     """One offline HTML page: summary, layer x head grid, token hover, overlays, weight norms."""
     check_hf_inputs(ctx, checkpoint, text=text, tokens=tokens, input_file=input_file,
                     seq_len=seq_len,
-                    image=image, audio=audio, model=model, image_only=("layer", "query"))
+                    image=image, audio=audio, model=model, image_only=("layer",),
+                    image_takes=("activation",))
     st = state(ctx)
     from attnviz.report import ReportOptions, build_report
 
-    options = ReportOptions(max_tokens=max_tokens, title=title, norms=norms, alpha=alpha)
+    options = ReportOptions(max_tokens=max_tokens, title=title, norms=norms, alpha=alpha,
+                            pool=pool, probes=tuple(probe or ()))
     if image is not None:
         vision = image_options(image, size=size, normalize=normalize, layer=layer, head="all",
                                view="overlay", top_k=top_k, threshold=threshold, query=query,
                                point=point, head_fusion=head_fusion,
-                               discard_ratio=discard_ratio, alpha=alpha)
+                               discard_ratio=discard_ratio, alpha=alpha,
+                               activation=activation if user_set(ctx, "activation") else None)
         vision = replace(vision, text=text, tokens=tokens)
         with st.step("captured and wrote the report"):
             result = build_report(checkpoint, output, image=vision, options=options,
@@ -140,6 +153,8 @@ def report(
                                    pad=pad) if given else None
         if request is not None:
             request = replace(request, tgt_tokens=tgt_tokens, tgt_text=tgt_text, audio=audio)
+        if query:  # sequences: rows kept at full resolution (DETR's --query picks objects)
+            options = replace(options, query=",".join(query))
         with st.step("captured and wrote the report"):
             result = build_report(checkpoint, output, request=request, options=options,
                                   factory=model, strict=strict, heads=heads or (),

@@ -11,6 +11,9 @@ from attnviz.formats.base import require_regular
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
+# a torch zip holding code/: its first bytes are a torch zip's, so the zip reader tells it
+# apart from the central directory and reads it with attnviz.formats.torchscript
+TORCHSCRIPT = "torchscript"
 TORCH_LEGACY = "torch-legacy"
 SHARD_INDEX = "shard-index"
 DIRECTORY = "directory"

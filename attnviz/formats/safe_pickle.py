@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import IO, Any, NoReturn
 
 from attnviz.dtypes import DTYPE_SIZES, TORCH_DTYPE_NAMES, TORCH_STORAGE_DTYPES
-from attnviz.errors import CorruptCheckpointError, LimitExceededError
+from attnviz.errors import CheckpointError, CorruptCheckpointError, LimitExceededError
 from attnviz.formats.pickle_scan import read_pickle, scan_pickle
 from attnviz.formats.placeholders import ForeignObject, NumpyScalar, foreign_class
 from attnviz.limits import LIMITS, MAX_DIM, MAX_RANK
@@ -254,11 +254,17 @@ class RestrictedUnpickler(pickle.Unpickler):
             return StorageType("uint8")
         if module == "torch" and name in TORCH_DTYPE_NAMES:
             return DtypeMarker(TORCH_DTYPE_NAMES[name])
+        return self.placeholder(key, lambda: NumpyScalar if key in NUMPY_SCALAR
+                                else foreign_class(module, name))
+
+    def placeholder(self, key: tuple[str, str],
+                    make: Callable[[], type[ForeignObject]]) -> type[ForeignObject]:
+        """The placeholder class for global ``key``, made once by ``make``, within the cap."""
         if key not in self._foreign:
             if len(self._foreign) >= LIMITS.max_globals:  # each one is a class: about 1 KB
                 raise LimitExceededError(f"pickle names over {LIMITS.max_globals} distinct "
                                          "globals", hint="raise ATTNVIZ_MAX_GLOBALS if it is real")
-            self._foreign[key] = NumpyScalar if key in NUMPY_SCALAR else foreign_class(module, name)
+            self._foreign[key] = make()
         return self._foreign[key]
 
     @property
@@ -283,20 +289,22 @@ def storage_from_pid(pid: Any) -> tuple[str, str, int, str]:
 
 def restricted_load(
     data: bytes | IO[bytes], persistent_load: Callable[[Any], Any],
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, *,
+    unpickler: type[RestrictedUnpickler] | None = None,
 ) -> tuple[Any, list[type[ForeignObject]]]:
     """Unpickle ``data`` (bytes, or a stream positioned at a pickle) safely; return the object
-    and the foreign globals it named. A stream is left just after the pickle's STOP."""
+    and the foreign globals it named. A stream is left just after the pickle's STOP.
+    ``unpickler``: a stricter subclass (TorchScript's data.pkl names fewer globals)."""
     cap = LIMITS.max_pickle_bytes if max_bytes is None else max_bytes
     if isinstance(data, bytes | bytearray):
         scan_pickle(data, cap)
         source = io.BytesIO(data)
     else:  # a file: read, checked as it is read, exactly the pickle's bytes
         source = io.BytesIO(read_pickle(data, cap))
-    unpickler = RestrictedUnpickler(source, persistent_load)
+    reader = (unpickler or RestrictedUnpickler)(source, persistent_load)
     try:
-        obj = unpickler.load()
-    except (CorruptCheckpointError, LimitExceededError):
+        obj = reader.load()
+    except CheckpointError:  # the reader's own refusals, already explained
         raise
     except RecursionError as exc:
         raise CorruptCheckpointError("pickle nests too deeply") from exc
@@ -305,4 +313,4 @@ def restricted_load(
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, struct.error, UnicodeDecodeError, OverflowError) as exc:
         raise CorruptCheckpointError(f"pickle stream is damaged: {str(exc)[:200]}") from exc
-    return obj, unpickler.foreign_globals
+    return obj, reader.foreign_globals

@@ -22,7 +22,12 @@ from attnviz.errors import (
 )
 from attnviz.formats.base import LoadedFile, StorageSpan
 from attnviz.formats.placeholders import ForeignObject
-from attnviz.formats.safe_pickle import StorageRef, restricted_load, storage_from_pid
+from attnviz.formats.safe_pickle import (
+    RestrictedUnpickler,
+    StorageRef,
+    restricted_load,
+    storage_from_pid,
+)
 from attnviz.limits import LIMITS
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
@@ -41,8 +46,13 @@ def open_zip(path: Path, source: IO[bytes] | None = None) -> zipfile.ZipFile:
                                      hint=HINT) from exc
 
 
-def _find_pickle(path: Path, names: list[str]) -> str:
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+def is_torchscript(names: list[str]) -> bool:
+    """A TorchScript archive (``torch.jit.save``): it holds code beside its data.pkl."""
+    return any(n.endswith(("/constants.pkl", "/model.json")) or "/code/" in n for n in names)
+
+
+def _find_pickle(path: Path, names: list[str], torchscript: bool = False) -> str:
+    if not torchscript and is_torchscript(names):  # nested payloads: never read as weights
         raise UnsupportedCheckpointError(
             "this is a TorchScript archive, which holds code; attnviz reads only weights",
             path=path, hint="save a state_dict with torch.save(model.state_dict(), 'model.pth')")
@@ -89,15 +99,17 @@ def _read_small(archive: zipfile.ZipFile, name: str, path: Path, limit: int) -> 
     return data
 
 
-def load_zip_pickle(archive: zipfile.ZipFile, path: Path, file_size: int) -> tuple[
+def load_zip_pickle(archive: zipfile.ZipFile, path: Path, file_size: int, *,
+                    unpickler: type[RestrictedUnpickler] | None = None) -> tuple[
         Any, list[type[ForeignObject]], dict[str, StorageRef], str, str]:
     """Unpickle ``data.pkl``: (root, foreign globals, storages by key, byteorder, prefix).
 
     Each storage must be a stored record inside the file, holding what its pickle declares.
-    Shared with nested payloads (``torch.storage._load_from_bytes``), read from memory.
+    Shared with nested payloads (``torch.storage._load_from_bytes``), read from memory, and
+    with TorchScript archives (``unpickler``: the stricter reader their data.pkl gets).
     """
     names = archive.namelist()
-    pkl_name = _find_pickle(path, names)
+    pkl_name = _find_pickle(path, names, torchscript=unpickler is not None)
     prefix = pkl_name[: -len("data.pkl")]
     if f"{prefix}version" in names:
         version = _read_small(archive, f"{prefix}version", path, 64).strip()
@@ -138,18 +150,16 @@ def load_zip_pickle(archive: zipfile.ZipFile, path: Path, file_size: int) -> tup
         return storages[key]
 
     try:
-        root, foreign = restricted_load(pickle_bytes, persistent_load)
+        root, foreign = restricted_load(pickle_bytes, persistent_load, unpickler=unpickler)
     except CheckpointError as exc:
         raise with_path(exc, path, HINT) from exc.__cause__
     return root, foreign, storages, byteorder, prefix
 
 
-def read_torch_zip(path: Path) -> LoadedFile:
-    file_size = path.stat().st_size
-    with open_zip(path) as archive:
-        root, foreign, storages, byteorder, prefix = load_zip_pickle(archive, path, file_size)
-        infos = {info.filename: info for info in archive.infolist()}
-
+def storage_spans(path: Path, archive: zipfile.ZipFile, storages: dict[str, StorageRef],
+                  prefix: str, byteorder: str, file_size: int) -> dict[str, StorageSpan]:
+    """Where each storage record's bytes lie in the file, from its local zip header."""
+    infos = {info.filename: info for info in archive.infolist()}
     spans: dict[str, StorageSpan] = {}
     with path.open("rb") as handle:
         for key in storages:
@@ -161,4 +171,18 @@ def read_torch_zip(path: Path) -> LoadedFile:
                 raise CorruptCheckpointError(f"storage record 'data/{key[:60]}' runs past the "
                                              f"end of the file", path=path, hint=HINT)
             spans[key] = StorageSpan(path, start, length, byteorder)
+    return spans
+
+
+def read_torch_zip(path: Path) -> LoadedFile:
+    """A torch zip checkpoint; a TorchScript archive is handed to its own, stricter reader
+    (the central directory tells them apart, the first bytes cannot)."""
+    file_size = path.stat().st_size
+    with open_zip(path) as archive:
+        if is_torchscript(archive.namelist()):
+            from attnviz.formats.torchscript import read_script_archive
+
+            return read_script_archive(path, archive, file_size)
+        root, foreign, storages, byteorder, prefix = load_zip_pickle(archive, path, file_size)
+        spans = storage_spans(path, archive, storages, prefix, byteorder, file_size)
     return LoadedFile(path, "torch-zip", root, spans, foreign)

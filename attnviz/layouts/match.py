@@ -76,8 +76,54 @@ class _Layer:
             raise NoMatch(f"{self.keys[role]} has shape {shape}, expected [{size}]")
 
 
+def _head_shape(layer: _Layer, role: str) -> tuple[int, ...]:
+    shape = layer.shape(role)
+    if len(shape) != 3:
+        raise NoMatch(f"{layer.keys[role]} has shape {list(shape)}, expected 3-D [H, in, out]")
+    return shape
+
+
+def _match_per_head(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
+                    claimed: set[str]) -> AttentionLayer:
+    """TransformerLens: W_Q/W_K/W_V [H, E, d], W_O [H, d, E], biases [H, d]; H is in the
+    shapes, so the layer carries its own head count."""
+    layer = _Layer(prefix, tensors, claimed)
+    for role, template in (("q", spec.q), ("k", spec.k), ("v", spec.v)):
+        if template is None or layer.find(role, template) is None:
+            raise NoMatch(f"no {role} projection ({fill(str(template), prefix)})")
+    (heads, embed, d), (kv_heads, kdim, k_d), (v_heads, vdim, v_d) = (
+        _head_shape(layer, role) for role in ("q", "k", "v"))
+    if (k_d, v_d, v_heads) != (d, d, kv_heads) or heads % kv_heads:
+        raise NoMatch(f"q/k/v shapes {[heads, embed, d]}/{[kv_heads, kdim, k_d]}/"
+                      f"{[v_heads, vdim, v_d]} fit no head split")
+    out_features = None
+    if layer.find("out", spec.out) is not None:
+        out_heads, out_d, out_features = _head_shape(layer, "out")
+        if (out_heads, out_d) != (heads, d):
+            raise NoMatch(f"{layer.keys['out']} has shape {list(layer.shape('out'))}, expected "
+                          f"[{heads}, {d}, E]")
+        layer.find("out_bias", spec.out_bias)
+        layer.check_vector("out_bias", out_features)
+    for role, template, count in (("q_bias", spec.q_bias, heads), ("k_bias", spec.k_bias,
+                                  kv_heads), ("v_bias", spec.v_bias, kv_heads)):
+        if layer.find(role, template) is not None and layer.shape(role) != (count, d):
+            raise NoMatch(f"{layer.keys[role]} has shape {list(layer.shape(role))}, expected "
+                          f"[{count}, {d}]")
+    for aux in spec.aux:
+        layer.find(aux.role, aux.template)
+    return AttentionLayer(
+        name=prefix[:-1] if prefix.endswith(".") else prefix, layout=spec.name,
+        packing=spec.packing, transposed=spec.transposed, keys=dict(layer.keys),
+        embed_dim=embed, kdim=kdim, vdim=vdim, q_rows=heads * d, kv_rows=kv_heads * d,
+        fused_rows=None, out_features=out_features,
+        has_bias=any(r.endswith("bias") for r in layer.keys), dtype=tensors[layer.keys["q"]].dtype,
+        heads_evidence=(("num_heads", heads, layer.keys["q"]),))
+
+
 def _match_one(spec: LayoutSpec, prefix: str, tensors: Mapping[str, HasShape],
                claimed: set[str]) -> AttentionLayer:
+    if spec.packing is Packing.PER_HEAD:
+        return _match_per_head(spec, prefix, tensors, claimed)
     layer = _Layer(prefix, tensors, claimed)
     for absent in spec.forbid:
         if fill(absent, prefix) in tensors:

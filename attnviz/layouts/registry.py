@@ -271,6 +271,19 @@ LAYOUTS: tuple[LayoutSpec, ...] = (
         out=("{p}wo.weight",), out_bias=("{p}wo.bias",),
     ),
     LayoutSpec(
+        name="transformer_lens",
+        description="separate W_Q/W_K/W_V [H, E, d] and W_O [H, d, E] per head, x @ W; biases "
+                    "b_Q/b_K/b_V [H, d], b_O [E]",
+        examples="TransformerLens HookedTransformer state_dict",
+        anchor=_PREFIX + r"W_Q$",
+        packing=Packing.PER_HEAD,
+        q="{p}W_Q", k="{p}W_K", v="{p}W_V",
+        q_bias="{p}b_Q", k_bias="{p}b_K", v_bias="{p}b_V",
+        out=("{p}W_O",), out_bias=("{p}b_O",),
+        aux=(AuxTensor("causal_mask_buffer", "{p}mask"), AuxTensor("ignore_buffer", "{p}IGNORE")),
+        transposed=True,
+    ),
+    LayoutSpec(
         name="t5_qkvo",
         description="separate q/k/v/o (T5 without bias, MPNet with)",
         examples="T5, mT5 (relative_attention_bias carries H), MPNet",

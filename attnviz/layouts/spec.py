@@ -23,6 +23,8 @@ class Packing(StrEnum):
     SHARDED = "sharded"  # one tensor, rows (S, 3, E/S): model-parallel shards, each holding its
     #                      slice of q, k and v in the order the layout declares (CodeGen: q v k)
     KV_FUSED = "kv_fused"  # q in its own tensor, k and v in one tensor, rows [K | V]
+    PER_HEAD = "per_head"  # q, k, v in their own tensors with a leading head axis, each head
+    #                        stored (in, out): W_Q [H, E, d], W_O [H, d, E] (TransformerLens)
 
 
 class ShapeRule(StrEnum):

@@ -1,9 +1,10 @@
 """Which model family a checkpoint holds, for errors that say what it needs instead of a guess.
 
-attnviz rebuilds a model from a bare file for three families only (``nn.Transformer``, timm ViT
-and the official DETR); everything else runs from an HF model directory or a user factory. When
-a command cannot build the model, the family recognised from the layout registry (and the
-architecture a config or stored settings name) decides the next step the error names.
+attnviz rebuilds a model from a bare file for ``nn.Transformer`` and the vision families of
+``attnviz.models.vision_registry`` (timm ViT, DINO, DINOv2, torchvision ViT, CLIP, Swin, DETR,
+...); everything else runs from an HF model directory or a user factory. When a command cannot
+build the model, the family recognised from the vision registry, else the layout registry (and
+the architecture a config or stored settings name), decides the next step the error names.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from attnviz.checkpoint import Checkpoint
 from attnviz.errors import AttnvizError, NoAttentionError, UsageError, param
 from attnviz.inspection import InspectReport
 from attnviz.layouts.registry import LAYOUTS_BY_NAME
-
-VIT_KEY = "patch_embed.proj.weight"  # timm's patch embedding
-DETR_KEYS = ("query_embed.weight", "input_proj.weight")  # the official DETR's queries
+from attnviz.models.vision_registry import families, match
 
 
 @dataclass(frozen=True)
@@ -30,11 +29,9 @@ class Family:
 
 def recognise(checkpoint: Checkpoint, report: InspectReport) -> Family | None:
     """The family of a checkpoint from its signature tensors, architecture and layouts."""
-    tensors = checkpoint.tensors
-    if all(key in tensors for key in DETR_KEYS):
-        return Family("a DETR checkpoint (official layout: query_embed, input_proj)", True)
-    if VIT_KEY in tensors:
-        return Family("a ViT checkpoint (timm layout: patch_embed, blocks.N.attn.qkv)", True)
+    vision = match(checkpoint.tensors)
+    if vision is not None:
+        return Family(vision.description, True)
     if not report.layers:
         return None
     layout, count = Counter(item.layer.layout for item in report.layers).most_common(1)[0]
@@ -58,7 +55,7 @@ def cannot_rebuild(checkpoint: Checkpoint, report: InspectReport) -> AttnvizErro
                           "a sequence", path=checkpoint.path,
                           hint=f"give an image with {param('image')} FILE")
     return UsageError(f"{family.description}, but no model to run: attnviz rebuilds one from a "
-                      "bare file only for nn.Transformer, timm ViT and DETR",
+                      f"bare file only for nn.Transformer and vision models ({families()})",
                       path=checkpoint.path,
                       hint="use the HF model directory (the weights with their config.json), "
                            f"or pass {param('factory')} package.module:factory")

@@ -125,6 +125,21 @@ def _accepted(module: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v for k, v in inputs.items() if k in parameters}
 
 
+def _lean_outputs(module: Any) -> dict[str, Any]:
+    """Forward kwargs that drop outputs no attention map depends on: a causal LM's logits for
+    all but the last position (16k tokens x a 32k vocabulary are 2 GiB of float32) and the
+    key/value cache."""
+    parameters = inspect.signature(module.forward).parameters
+    lean: dict[str, Any] = {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            lean[name] = 1
+            break
+    if "use_cache" in parameters:
+        lean["use_cache"] = False
+    return lean
+
+
 def image_inputs(loaded: LoadedModel, image: Path) -> tuple[dict[str, torch.Tensor], Any]:
     """pixel_values through the directory's image processor, and the image it was given."""
     from PIL import Image
@@ -190,7 +205,8 @@ def prepare_hf(loaded: LoadedModel, request: SequenceRequest) -> PreparedCall:
                          f"encoder-decoder; {type(model).__name__} is not one", param="tgt_tokens")
     target = model.get_submodule(module) if module else model
     inputs = _accepted(target, inputs)
-    prepared = PreparedCall(lambda: target(**inputs), sides.get("source", []),
+    call = {**inputs, **_lean_outputs(target)}
+    prepared = PreparedCall(lambda: target(**call), sides.get("source", []),
                             sides.get("target", []), padded=request.pad)
     prepared.inputs, prepared.module, prepared.sides = inputs, module, sides
     prepared.layer_sides, prepared.notes = side_resolver(model), notes

@@ -101,8 +101,11 @@ def _vit_like(model: Any, maps: AttentionMaps, prepared: PreparedCall, pixels: n
         raise UsageError(f"maps of {tokens} tokens do not fit a {grid[0]}x{grid[1]} patch "
                          f"grid (patch {patch}): this model's attention is not over image "
                          "patches plus prefix tokens", path=path)
+    # Dinov2WithRegisters: [CLS, registers..., patches]; the figure shows the registers apart
+    registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    registers = registers if 0 < registers < prefix else 0
     figure = _vit_figure(maps, names, grid, prefix, prefix > 0, patch, pixels, options,
-                         reference=reference)
+                         reference=reference, registers=registers)
     text = [n for n in maps if n not in names]
     if text:
         figure.notes.append(f"text tower captured too: {len(text)} layers (see --save-maps "

@@ -19,13 +19,14 @@ from attnviz.errors import UsageError, param
 from attnviz.heads_override import LayerHeads, config_edits
 from attnviz.inspection import InspectReport
 from attnviz.models.hf_safety import MAX_HF_JSON_BYTES
+from attnviz.models.lens import describe, is_lens_state_dict, load_lens
 from attnviz.models.torch_transformer import ModelBuildError, TransformerSpec, load_transformer
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
-    kind: str  # "encoder" | "decoder" | "transformer" | "factory" | "hf"
+    kind: str  # "encoder" | "decoder" | "transformer" | "factory" | "hf" | "lens"
     description: str
     tokenizer: Any = None
     d_model: int | None = None
@@ -36,7 +37,7 @@ class LoadedModel:
 
     @property
     def takes_tokens(self) -> bool:
-        return self.kind in {"factory", "hf"}
+        return self.kind in {"factory", "hf", "lens"}
 
 
 def _factory(spec: str) -> Any:
@@ -129,6 +130,10 @@ def load_model(path: Path, checkpoint: Checkpoint, report: InspectReport, *,
     if is_hf_directory(path):
         return load_hf_model(path, checkpoint, attn_implementation=attn_implementation,
                              heads_from=report.layers)
+    if is_lens_state_dict(checkpoint.tensors):  # TransformerLens: tokens in, logits out
+        lens = load_lens(checkpoint)
+        return LoadedModel(lens, "lens", describe(lens.cfg), d_model=lens.cfg.d_model,
+                           notes=list(lens.cfg.notes))
     model, spec = load_transformer(checkpoint, report, norm_first=norm_first,
                                    activation=activation)
     return LoadedModel(model, spec.kind, _describe(spec), d_model=spec.d_model)

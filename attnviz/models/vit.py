@@ -13,13 +13,23 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from attnviz.checkpoint import Checkpoint
-from attnviz.errors import HeadsError, param
+from attnviz.errors import param
 from attnviz.inspection import InspectReport
-from attnviz.models.torch_transformer import ModelBuildError, adopt_state
+from attnviz.models.torch_transformer import ModelBuildError
+from attnviz.models.vision_registry import BuiltVision, TokenLayout
+from attnviz.models.vit_parts import (
+    Block,
+    PatchEmbed,
+    rebuild,
+    resize_positions,
+    resolve_heads,
+    square_patches,
+)
+
+__all__ = ["Block", "ViTSpec", "VisionTransformer", "build_timm_vit", "detect_vit", "load_vit"]
 
 
 @dataclass(frozen=True)
@@ -54,16 +64,13 @@ def detect_vit(checkpoint: Checkpoint, report: InspectReport) -> ViTSpec:
         raise ModelBuildError(f"not a timm-layout ViT: no '{missing[0]}'", path=checkpoint.path,
                               hint=f"pass {param('factory')} package.module:factory for other "
                                    "models")
-    dim, channels, patch, patch_w = t["patch_embed.proj.weight"].shape
-    if patch != patch_w:
-        raise ModelBuildError(f"non-square patches {patch}x{patch_w} are not supported",
-                              path=checkpoint.path)
+    if "register_tokens" in t:  # DINOv2's registers: read as timm, maps would lose them
+        raise ModelBuildError("'register_tokens' is DINOv2's layout, not timm's",
+                              path=checkpoint.path, hint="attnviz rebuilds it as DINOv2 with "
+                              "registers (attnviz.models.dino)")
+    dim, channels, patch = square_patches(checkpoint, "patch_embed.proj.weight")
     depth = len({m.group(1) for k in t if (m := re.match(r"blocks\.(\d+)\.", k))})
-    heads = {i.heads.num_heads for i in report.layers if i.layer.name.startswith("blocks.")}
-    if None in heads or len(heads) != 1:
-        raise HeadsError("number of heads unknown" if None in heads or not heads else
-                         f"blocks disagree on heads: {sorted(h or 0 for h in heads)}",
-                         path=checkpoint.path, hint=f"pass {param('heads')} N")
+    heads, _ = resolve_heads(checkpoint, report, "blocks.")
     has_cls, has_dist = "cls_token" in t, "dist_token" in t
     registers = t["reg_token"].shape[1] if "reg_token" in t else 0
     prefix = int(has_cls) + int(has_dist) + registers
@@ -78,69 +85,12 @@ def detect_vit(checkpoint: Checkpoint, report: InspectReport) -> ViTSpec:
                                   path=checkpoint.path)
     head = t.get("head.weight")
     return ViTSpec(
-        dim=dim, depth=depth, heads=int(heads.pop() or 0), patch=patch, channels=channels,
+        dim=dim, depth=depth, heads=heads, patch=patch, channels=channels,
         mlp_hidden=t["blocks.0.mlp.fc1.weight"].shape[0], prefix_tokens=prefix,
         register_tokens=registers, has_cls=has_cls, has_dist=has_dist, pos_grid=(side, side),
         pos_includes_prefix=includes_prefix, layer_scale="blocks.0.ls1.gamma" in t,
         qkv_bias="blocks.0.attn.qkv.bias" in t,
         num_classes=head.shape[0] if head is not None and len(head.shape) == 2 else 0)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)  # (B, N, 3, H, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, spec: ViTSpec) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(spec.dim, eps=spec.eps)
-        self.attn = Attention(spec.dim, spec.heads, spec.qkv_bias)
-        self.norm2 = nn.LayerNorm(spec.dim, eps=spec.eps)
-        self.mlp = Mlp(spec.dim, spec.mlp_hidden)
-        self.ls1: nn.Module = LayerScale(spec.dim) if spec.layer_scale else nn.Identity()
-        self.ls2: nn.Module = LayerScale(spec.dim) if spec.layer_scale else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, spec: ViTSpec) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(spec.channels, spec.dim, spec.patch, spec.patch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, gh*gw, C)
 
 
 class VisionTransformer(nn.Module):
@@ -149,7 +99,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, spec: ViTSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.patch_embed = PatchEmbed(spec)
+        self.patch_embed = PatchEmbed(spec.channels, spec.dim, spec.patch)
         if spec.has_cls:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.dim))
         if spec.has_dist:
@@ -170,9 +120,7 @@ class VisionTransformer(nn.Module):
         prefix_count = int(spec.has_cls) + int(spec.has_dist) if spec.pos_includes_prefix else 0
         prefix, patches = self.pos_embed[:, :prefix_count], self.pos_embed[:, prefix_count:]
         if grid != spec.pos_grid:
-            square = patches.reshape(1, *spec.pos_grid, spec.dim).permute(0, 3, 1, 2)  # (1,C,h,w)
-            square = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
-            patches = square.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], spec.dim)
+            patches = resize_positions(patches, spec.pos_grid, grid, size=grid)
         return prefix, patches
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -204,8 +152,14 @@ class VisionTransformer(nn.Module):
 
 def load_vit(checkpoint: Checkpoint, report: InspectReport) -> tuple[VisionTransformer, ViTSpec]:
     spec = detect_vit(checkpoint, report)
-    with torch.device("meta"):
-        model = VisionTransformer(spec)
-    state = {k: checkpoint.read_tensor(k) for k in model.state_dict() if k in checkpoint.tensors}
-    adopt_state(model, state, checkpoint.path)
-    return model, spec
+    return rebuild(lambda: VisionTransformer(spec), checkpoint), spec
+
+
+def build_timm_vit(checkpoint: Checkpoint, report: InspectReport) -> BuiltVision:
+    """The vision registry's ``timm_vit`` record."""
+    model, spec = load_vit(checkpoint, report)
+    description = (f"ViT rebuilt from the checkpoint: {spec.depth} blocks, dim {spec.dim}, "
+                   f"{spec.heads} heads, patch {spec.patch}")
+    tokens = TokenLayout(cls=spec.has_cls, extra=int(spec.has_dist),
+                         registers=spec.register_tokens)
+    return BuiltVision(model, description, spec.patch, spec.image_size, tokens, blocks="blocks.")

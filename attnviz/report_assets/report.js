@@ -193,6 +193,8 @@
       });
       grid.appendChild(row);
     });
+    // report_atlas.js puts each head's role on its thumbnail, if the page has an atlas
+    document.dispatchEvent(new CustomEvent("attnviz:grid", { detail: { data: data } }));
     await Promise.all(jobs);
     body.dataset.heads = String(drawnHeads);
     body.dataset.mapScale = mapScale;
@@ -307,6 +309,9 @@
     detail.dataset.open = "L" + l + "H" + h;
     detail.dataset.queries = String(qSpans.length);
     detail.dataset.keys = String(kSpans.length);
+    // report_rows.js draws this head's full-resolution query rows, if the page has any
+    document.dispatchEvent(new CustomEvent("attnviz:open", {
+      detail: { l: l, h: h, data: data } }));
     if (location.hash !== "#L" + l + "H" + h) setAddress("#L" + l + "H" + h);
   }
 
