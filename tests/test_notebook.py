@@ -230,7 +230,8 @@ def test_build_report_from_an_hf_model_names_tokens_with_its_tokenizer() -> None
             values, _ = decode(head)
             torch.testing.assert_close(torch.from_numpy(values).float(), layer[0, h],
                                        atol=head["max"] / 500, rtol=0)
-    assert result.page.count('<th scope="row">encoder.layer.') == 2 * 4  # norms, Wq..Wo tables
+    # per layer: a row in each of the four norm tables (Wq..Wo) and one in the head-role table
+    assert result.page.count('<th scope="row">encoder.layer.') == 2 * (4 + 1)
 
 
 def test_build_report_from_a_model_refuses_what_does_not_fit(tmp_path: Path) -> None:
