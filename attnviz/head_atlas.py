@@ -18,17 +18,16 @@ from attnviz import __version__
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import capture_attention
 from attnviz.checkpoint import load_checkpoint
-from attnviz.errors import AttnvizError, UsageError, param
+from attnviz.errors import UsageError, param
 from attnviz.head_probes import DEFAULT_BLOCK, Probe, make_probe, parse_probes
 from attnviz.head_roles import ROLES, assign_roles, role_definitions
 from attnviz.head_stats import DEFINITIONS, STATISTICS, HeadStatistics, LayerStats
 from attnviz.heads_override import check_captured_heads, override_warnings
 from attnviz.inspection import InspectReport, analyse
 from attnviz.models.sources import LoadedModel, is_hf_directory, load_model
-from attnviz.models.torch_transformer import ModelBuildError
 from attnviz.reducers import MapReducer, feed_whole, reduce_maps
 from attnviz.selectors import order_like, parse, select
-from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare
+from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare, run_forward
 
 SCHEMA = "attnviz.heads/1"
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
@@ -175,15 +174,7 @@ def run_streamed(loaded: LoadedModel, report: InspectReport, request: SequenceRe
     banded = loaded.kind == "hf" and is_banded(model_type)
     with torch.no_grad(), capture_attention(loaded.model,
                                             reduce=None if banded else reduce) as maps:
-        try:
-            prepared.run()
-        except AttnvizError:
-            raise
-        except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ModelBuildError(f"the forward pass of {loaded.description} failed: "
-                                  f"{type(exc).__name__}: {first}",
-                                  hint="check that the inputs fit the model") from exc
+        run_forward(prepared, loaded.description)
     check_captured_heads(maps, report.layers, loaded.description)
     if banded:
         adapt_maps(maps, loaded.model, prepared.inputs)

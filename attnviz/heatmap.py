@@ -15,17 +15,16 @@ from attnviz import __version__
 from attnviz.atomic import atomic_output, check_output_path
 from attnviz.capture import AttentionMaps, capture_attention
 from attnviz.checkpoint import Checkpoint, load_checkpoint
-from attnviz.errors import AttnvizError, UsageError, param
+from attnviz.errors import UsageError, param
 from attnviz.heads_override import check_captured_heads, override_warnings
 from attnviz.inspection import InspectReport, analyse
 from attnviz.maps_stream import MapsToDisk
 from attnviz.models.sources import LoadedModel, is_hf_directory, load_model
-from attnviz.models.torch_transformer import ModelBuildError
 from attnviz.pooling import POOL_MODES
 from attnviz.query_rows import query_rows
 from attnviz.reducers import MapReducer, PooledMaps, QueryRows, Reducers, reduce_maps
 from attnviz.selectors import order_like, parse, select, select_heads
-from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare
+from attnviz.sequence_inputs import PreparedCall, SequenceRequest, prepare, run_forward
 from attnviz.window import WindowMaps, parse_window
 
 VIEWS = ("auto", "matrix", "grid")
@@ -306,18 +305,10 @@ def capture_sequence(path: Path, ckpt: Checkpoint, report: InspectReport,
     banded = loaded.kind == "hf" and _is_banded(loaded.model)
     streamed = reduce if reduce is not None and not banded else None
     with torch.no_grad(), capture_attention(loaded.model, reduce=streamed) as maps:
-        try:
-            prepared.run()
-        except AttnvizError:
-            raise
-        except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
-            # the model rejected these inputs: a usage problem, not an attnviz bug
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ModelBuildError(f"the forward pass of {loaded.description} failed: "
-                                  f"{type(exc).__name__}: {first}", path=path,
-                                  hint="check that the inputs fit the model "
-                                       f"({param('seq_len')}, {param('input_file')}, "
-                                       f"{param('tokens')}, {param('tgt_')}*)") from exc
+        run_forward(prepared, loaded.description, path=path,
+                    hint="check that the inputs fit the model "
+                         f"({param('seq_len')}, {param('input_file')}, "
+                         f"{param('tokens')}, {param('tgt_')}*)")
     check_captured_heads(maps, report.layers, loaded.description)
     if loaded.kind == "hf" and streamed is None:
         from attnviz.models.hf_maps import adapt_maps

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from attnviz.checkpoint import load_checkpoint
-from attnviz.errors import UsageError, param
+from attnviz.errors import AttnvizError, UsageError, param
 from attnviz.models.sources import LoadedModel
+from attnviz.models.torch_transformer import ModelBuildError
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,20 @@ class PreparedCall:
         row_side, col_side = self.layer_sides(name.split("#")[0])
         return (_fit(self.sides.get(row_side, []), rows),
                 _fit(self.sides.get(col_side, []), cols))
+
+
+def run_forward(prepared: PreparedCall, description: str, *, path: Path | None = None,
+                hint: str = "check that the inputs fit the model") -> None:
+    """Run the prepared forward pass; an exception the model raises on these inputs is a
+    usage problem (one line naming the model), not an attnviz bug."""
+    try:
+        prepared.run()
+    except AttnvizError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ModelBuildError(f"the forward pass of {description} failed: "
+                              f"{type(exc).__name__}: {first}", path=path, hint=hint) from exc
 
 
 def _fit(labels: list[str], length: int) -> list[str]:
