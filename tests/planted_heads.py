@@ -20,6 +20,18 @@ HEADS = 4  # head dim 16 = POSITIONS
 GAIN = 3.0  # q and k weights: the planted score is (GAIN * s)^2 / sqrt(d) = 72
 
 
+def planted_maps(length: int) -> torch.Tensor:
+    """The same four heads as probabilities (1, 4, L, L), for tests that feed maps directly:
+    previous-token, first-token, self and uniform over the causal prefix."""
+    maps = torch.zeros(1, 4, length, length)
+    for i in range(length):
+        maps[0, 0, i, max(0, i - 1)] = 1.0
+        maps[0, 1, i, 0] = 1.0
+        maps[0, 2, i, i] = 1.0
+        maps[0, 3, i, :i + 1] = 1.0 / (i + 1)
+    return maps
+
+
 def planted_gpt2(directory: Path) -> Path:
     """Save the planted model with ``save_pretrained``; returns the directory."""
     transformers = __import__("transformers")

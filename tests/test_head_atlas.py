@@ -25,6 +25,7 @@ from attnviz.head_atlas import (
 from attnviz.head_roles import ROLES, roles_markdown
 from attnviz.head_stats import STATISTICS
 from attnviz.render_atlas import render_atlas
+from tests.planted_heads import planted_maps
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -96,19 +97,8 @@ def test_docs_list_every_role_and_every_json_field() -> None:
     assert re.search(r"attnviz\.heads/1", section)
 
 
-def _planted_maps(length: int) -> torch.Tensor:
-    """(1, 4, L, L): previous-token, first-token, self, uniform (causal) heads."""
-    maps = torch.zeros(1, 4, length, length)
-    for i in range(length):
-        maps[0, 0, i, max(0, i - 1)] = 1.0
-        maps[0, 1, i, 0] = 1.0
-        maps[0, 2, i, i] = 1.0
-        maps[0, 3, i, :i + 1] = 1.0 / (i + 1)
-    return maps
-
-
 def test_atlas_from_whole_maps_for_the_report() -> None:
-    maps = {"dec.self_attn": _planted_maps(24), "dec.cross": _planted_maps(24)}
+    maps = {"dec.self_attn": planted_maps(24), "dec.cross": planted_maps(24)}
     atlas = atlas_from_maps(maps, reference=["dec.self_attn", "dec.cross"],
                             cross=lambda name: name.endswith("cross"))
     first, second = atlas.layers

@@ -9,6 +9,7 @@ import torch
 
 from attnviz.head_stats import Diagonal, HeadStatistics
 from attnviz.tiling import Tile
+from tests.planted_heads import planted_maps
 
 
 def _feed(stats: HeadStatistics, maps: torch.Tensor, key_tile: int, row_tile: int) -> None:
@@ -22,21 +23,10 @@ def _feed(stats: HeadStatistics, maps: torch.Tensor, key_tile: int, row_tile: in
     stats.end("layer")
 
 
-def _planted(length: int) -> torch.Tensor:
-    """(1, 4, L, L): previous-token, first-token, self and uniform-causal heads."""
-    maps = torch.zeros(1, 4, length, length)
-    for i in range(length):
-        maps[0, 0, i, max(0, i - 1)] = 1.0
-        maps[0, 1, i, 0] = 1.0
-        maps[0, 2, i, i] = 1.0
-        maps[0, 3, i, :i + 1] = 1.0 / (i + 1)
-    return maps
-
-
 @pytest.mark.parametrize(("key_tile", "row_tile"), [(64, 64), (3, 2), (1, 5)])
 def test_planted_heads(key_tile: int, row_tile: int) -> None:
     stats = HeadStatistics(window=1)
-    _feed(stats, _planted(12), key_tile, row_tile)
+    _feed(stats, planted_maps(12), key_tile, row_tile)
     v = stats.layers["layer"].values
     torch.testing.assert_close(v["previous"], torch.tensor([1.0, 1 / 11, 0.0,
                                                             v["previous"][3].item()]))
@@ -111,7 +101,7 @@ def test_planted_heads_get_exactly_their_roles() -> None:
     from attnviz.head_roles import assign_roles
 
     stats = HeadStatistics(window=1)
-    _feed(stats, _planted(32), 8, 8)
+    _feed(stats, planted_maps(32), 8, 8)
     roles = assign_roles(stats.layers["layer"].values)
     assert [r.top for r in roles] == ["previous-token", "sink", "self", "broad"]
     assert [set(r.held) for r in roles] == [{"previous-token"}, {"sink"}, {"self"}, {"broad"}]

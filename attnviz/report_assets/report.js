@@ -309,9 +309,10 @@
     detail.dataset.open = "L" + l + "H" + h;
     detail.dataset.queries = String(qSpans.length);
     detail.dataset.keys = String(kSpans.length);
-    // report_rows.js draws this head's full-resolution query rows, if the page has any
+    // report_rows.js draws this head's full-resolution query rows, if the page has any, with
+    // this script's own decoder
     document.dispatchEvent(new CustomEvent("attnviz:open", {
-      detail: { l: l, h: h, data: data } }));
+      detail: { l: l, h: h, data: data, decode: decode } }));
     if (location.hash !== "#L" + l + "H" + h) setAddress("#L" + l + "H" + h);
   }
 

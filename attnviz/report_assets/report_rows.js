@@ -1,6 +1,6 @@
 // attnviz report: the opened head's full-resolution query rows, drawn as strips (the page script
-// fires "attnviz:open" with the head and the page data). A row is stored over every key (an
-// 8-bit PNG, wrapped into lines of `wrap` keys); its strip shows it max-pooled to the strip's
+// fires "attnviz:open" with the head, the page data and its PNG decoder). A row is stored over
+// every key (an 8-bit PNG, wrapped into lines of `wrap` keys); its strip shows it max-pooled to the strip's
 // pixels, so one attended key far away still lights its pixel, and lists the row's top keys
 // computed from the full-precision row. #detail[data-rows] counts the strips drawn (tests).
 (function () {
@@ -14,29 +14,6 @@
     if (cls) node.className = cls;
     if (text !== undefined) node.textContent = text;
     return node;
-  }
-
-  function decode(b64) {
-    return new Promise((resolve, reject) => {
-      const img = new Image();
-      img.onload = () => {
-        const canvas = document.createElement("canvas");
-        canvas.width = img.width;
-        canvas.height = img.height;
-        const ctx = canvas.getContext("2d", { willReadFrequently: true });
-        ctx.drawImage(img, 0, 0);
-        const px = ctx.getImageData(0, 0, img.width, img.height).data;
-        const grey = new Uint8Array(img.width * img.height);
-        const alpha = new Uint8Array(img.width * img.height);
-        for (let i = 0; i < grey.length; i++) {
-          grey[i] = px[4 * i];
-          alpha[i] = px[4 * i + 3];
-        }
-        resolve({ w: img.width, grey: grey, alpha: alpha });
-      };
-      img.onerror = () => reject(new Error("a stored query row does not decode"));
-      img.src = "data:image/png;base64," + b64;
-    });
   }
 
   // one query's keys, in order: grey (null where masked) from the wrapped lines
@@ -108,7 +85,7 @@
   }
 
   document.addEventListener("attnviz:open", (event) => {
-    const { l, h, data } = event.detail;
+    const { l, h, data, decode } = event.detail;
     const box = document.getElementById("rows");
     const detail = document.getElementById("detail");
     if (!box || !detail) return;
