@@ -34,6 +34,9 @@ def geometry(item: LayerReport) -> tuple[Any, ...]:
 
 
 SEEN_LAYOUTS: set[str] = set()
+# test_every_registered_layout_is_tested reads what the tests before it saw: under pytest-xdist
+# (make test: --dist loadgroup) the whole module runs on one worker, in file order
+pytestmark = pytest.mark.xdist_group("test_layouts")
 
 
 def check(report: InspectReport, expected: dict[str, tuple[Any, ...]]) -> None:
